@@ -1,1 +1,47 @@
-"""diffalign subpackage."""
+"""Preference data: readers, image decoding, group transforms, dataset and sampler.
+
+Typical use::
+
+    report = SkipReport()
+    source = open_preference_source("pickapic_v2/", split="train", report=report)
+    dataset = PreferenceDataset(source, GroupTransform(512, random_flip=True), seed=0)
+    loader = DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), 8, seed=0),
+                        collate_fn=collate_groups, num_workers=4)
+    for batch in loader:
+        report.record_all(source.name, batch["skipped"])
+        ...
+    print(report.summary())
+"""
+
+from diffalign.data.dataset import EpochBatchSampler, PreferenceDataset, collate_groups, derive_seed
+from diffalign.data.images import decode_image, to_rgb
+from diffalign.data.report import SkippedRow, SkipReport
+from diffalign.data.sources import (
+    JsonlSource,
+    PickapicSource,
+    PreferenceSource,
+    open_preference_source,
+    select_split_files,
+)
+from diffalign.data.transforms import GroupPixels, GroupTransform
+from diffalign.data.types import BadRowError, PreferenceGroup
+
+__all__ = [
+    "BadRowError",
+    "EpochBatchSampler",
+    "GroupPixels",
+    "GroupTransform",
+    "JsonlSource",
+    "PickapicSource",
+    "PreferenceDataset",
+    "PreferenceGroup",
+    "PreferenceSource",
+    "SkipReport",
+    "SkippedRow",
+    "collate_groups",
+    "decode_image",
+    "derive_seed",
+    "open_preference_source",
+    "select_split_files",
+    "to_rgb",
+]

@@ -1,0 +1,89 @@
+"""Decode preference images to fully loaded RGB.
+
+Why a dedicated decoder: ``PIL.Image.open`` is lazy, so a truncated JPEG only
+fails when pixels are first touched -- deep inside a DataLoader worker. And
+``img.convert("RGB")`` is wrong for several modes that appear in scraped data:
+it drops alpha (transparent pixels turn into whatever colour they stored,
+often black), and it clips 16-bit grayscale (most pixels become white).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+from diffalign.data.types import BadRowError
+
+__all__ = ["decode_image", "to_rgb"]
+
+_WHITE = (255, 255, 255, 255)
+
+
+def decode_image(data: bytes | str | Path, *, row_id: str, source: str) -> PIL.Image.Image:
+    """Decode ``data`` (encoded bytes or a file path) into a loaded RGB image.
+
+    The EXIF orientation is applied (images come out as a viewer shows them).
+    Any decoding error -- unknown format, truncation, decompression bomb,
+    unreadable file -- becomes ``BadRowError("undecodable image: ...")`` naming
+    ``source`` and ``row_id``. Note that Pillow's global
+    ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` would make truncated files load.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        opener: str | Path | io.BytesIO = io.BytesIO(bytes(data))
+        what = f"{len(data)} bytes"
+    elif isinstance(data, (str, Path)):
+        opener = Path(data)
+        what = str(data)
+    else:
+        raise TypeError(
+            f"{source}: row {row_id}: decode_image expects bytes or a path, got {type(data).__name__}"
+        )
+    try:
+        with PIL.Image.open(opener) as opened:
+            opened.load()  # force full decode here, so truncated files fail now
+            rgb = to_rgb(PIL.ImageOps.exif_transpose(opened))
+            if rgb is opened:  # closing `opened` would invalidate it
+                rgb = rgb.copy()
+            return rgb
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise BadRowError(
+            source, row_id, f"undecodable image: {type(exc).__name__}: {exc} ({what})"
+        ) from exc
+
+
+def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    """Convert a loaded image of any common mode to RGB.
+
+    * transparency (RGBA, LA, PA, RGBa, La, P/L/RGB with a ``transparency``
+      entry) is composited onto white;
+    * 16/32-bit integer grayscale (I;16*, I) is rescaled to 8 bits: I;16 by
+      /257, I by /257 when its maximum exceeds 255 (16-bit PNGs load as I);
+    * float grayscale (F) is taken as [0, 1] when its maximum is <= 1, else
+      clipped to [0, 255];
+    * CMYK, YCbCr, LAB, HSV, L, 1 and opaque P go through Pillow's converter.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img).astype(np.float64)
+        if mode.startswith("I;16") or (arr.size and arr.max() > 255):
+            arr = arr / 257.0
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return PIL.Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img).astype(np.float64)
+        if arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        gray = np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8)
+        return PIL.Image.fromarray(gray, mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, _WHITE)
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
