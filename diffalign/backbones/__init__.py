@@ -1,1 +1,96 @@
-"""diffalign subpackage."""
+"""Model families behind one Backbone interface, chosen from the pipeline's model_index.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffalign.config import ModelConfig
+from diffalign.noise import noise_process_from_scheduler
+
+from .base import Backbone, Conditioning, LoadOptions, tokenize, vae_encode
+from .sd import StableDiffusionBackbone
+from .sd3 import StableDiffusion3Backbone
+from .sdxl import StableDiffusionXLBackbone, sdxl_time_ids
+
+# Pipeline class (from model_index.json) -> family. Explicit: an unknown class is an error.
+PIPELINE_FAMILIES: dict[str, str] = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+}
+BACKBONES: dict[str, Any] = {
+    "sd": StableDiffusionBackbone,
+    "sdxl": StableDiffusionXLBackbone,
+    "sd3": StableDiffusion3Backbone,
+}
+
+
+def read_model_index(path: str, revision: str | None = None) -> dict[str, Any]:
+    """model_index.json of a hub id or local folder, with a clear error when it is missing."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(path, revision=revision)
+    except (OSError, EnvironmentError, ValueError) as error:
+        raise FileNotFoundError(
+            f"cannot read model_index.json of model {path!r}: expected a diffusers pipeline folder or hub id ({error})"
+        ) from None
+
+
+def detect_family(path: str, revision: str | None = None) -> str:
+    """Family of a pipeline, from its model_index.json's class name."""
+    class_name = read_model_index(path, revision).get("_class_name", "<none>")
+    if class_name not in PIPELINE_FAMILIES:
+        raise ValueError(
+            f"model {path!r} is a {class_name}; diffalign supports {', '.join(sorted(PIPELINE_FAMILIES))}"
+        )
+    return PIPELINE_FAMILIES[class_name]
+
+
+def load_scheduler_config(path: str, revision: str | None = None) -> dict[str, Any]:
+    """scheduler/scheduler_config.json as a dict (any ConfigMixin class reads it unchanged)."""
+    from diffusers import DDPMScheduler
+
+    return dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
+
+
+def load_backbone(config: ModelConfig, load_encoders: bool = True) -> Backbone:
+    """Load the family's components from ``config.path`` (hub id or local folder) on CPU, fp32.
+
+    ``load_encoders=False`` loads only the denoiser (training from a cache).
+    """
+    family = detect_family(config.path, config.revision)
+    if config.family != "auto" and config.family != family:
+        raise ValueError(f"model.family is {config.family!r} but {config.path!r} is a {family} pipeline")
+    noise = noise_process_from_scheduler(
+        load_scheduler_config(config.path, config.revision),
+        timestep_mode=config.timestep_mode,
+        flow_weighting=config.flow_weighting,
+        flow_logit_mean=config.flow_logit_mean,
+        flow_logit_std=config.flow_logit_std,
+        flow_mode_scale=config.flow_mode_scale,
+    )
+    options = LoadOptions(config.path, config.revision, config.variant)
+    if family == "sd3":
+        return StableDiffusion3Backbone.load(
+            options, noise, load_encoders, use_t5=config.use_t5, max_sequence_length=config.max_sequence_length
+        )
+    return BACKBONES[family].load(options, noise, load_encoders)
+
+
+__all__ = [
+    "Backbone",
+    "Conditioning",
+    "LoadOptions",
+    "PIPELINE_FAMILIES",
+    "StableDiffusionBackbone",
+    "StableDiffusionXLBackbone",
+    "StableDiffusion3Backbone",
+    "detect_family",
+    "load_backbone",
+    "load_scheduler_config",
+    "read_model_index",
+    "sdxl_time_ids",
+    "tokenize",
+    "vae_encode",
+]

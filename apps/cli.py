@@ -1,0 +1,104 @@
+"""The ``diffalign`` command line: parse, then dispatch to the core, trainers, scorers and apps.
+
+Subcommands: train, cache, quickstart, tiny (save a tiny pipeline for offline trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from diffalign.trainers.config import load_train_config
+    from diffalign.trainers.loop import train
+
+    train(load_train_config(args.config, args.overrides))
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffalign.backbones import load_backbone
+    from diffalign.cache import build_cache
+    from diffalign.trainers.config import load_train_config
+
+    config = load_train_config(args.config, args.overrides)
+    if config.data.cache_dir is None:
+        raise SystemExit("diffalign cache: set data.cache_dir (in the config or as data.cache_dir=PATH)")
+    backbone = load_backbone(config.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone.to(device)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    folder = build_cache(
+        backbone, config.model, config.data, config.data.cache_dir, batch_size=args.batch_size, shard_size=args.shard_size, dtype=dtype
+    )
+    print(f"diffalign cache: wrote {folder}")
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from diffalign.apps.quickstart import run_quickstart
+
+    run_quickstart(Path(args.output_dir), overrides=args.overrides, cache_root=args.cache_root)
+    return 0
+
+
+def _tiny(args: argparse.Namespace) -> int:
+    from diffalign.tiny import save_pipeline
+
+    print(save_pipeline(args.family, args.path, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion models with preferences.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train with a YAML recipe (also under `accelerate launch`)")
+    train.add_argument("config", help="YAML recipe, e.g. configs/sdxl/dpo.yaml")
+    train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=10")
+    train.set_defaults(run=_train)
+
+    cache = commands.add_parser("cache", help="precompute VAE latents and text embeddings into data.cache_dir")
+    cache.add_argument("config")
+    cache.add_argument("overrides", nargs="*")
+    cache.add_argument("--batch-size", type=int, default=16)
+    cache.add_argument("--shard-size", type=int, default=1024, help="groups (and texts) per safetensors shard")
+    cache.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    cache.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    cache.set_defaults(run=_cache)
+
+    quickstart = commands.add_parser("quickstart", help="CPU demo: toy world, toy base model, Diffusion-DPO, report")
+    quickstart.add_argument("--output-dir", default="quickstart_out")
+    quickstart.add_argument("--cache-root", default=None, help="where the toy base is cached (default ~/.cache/diffalign)")
+    quickstart.add_argument("overrides", nargs="*", help="overrides for configs/quickstart.yaml")
+    quickstart.set_defaults(run=_quickstart)
+
+    tiny = commands.add_parser("tiny", help="save a tiny randomly initialised pipeline (sd15, sd2, sdxl, sd3)")
+    tiny.add_argument("family", choices=["sd15", "sd2", "sdxl", "sd3"])
+    tiny.add_argument("path")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffalign.config import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "diffusers", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"diffalign {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

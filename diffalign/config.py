@@ -1,0 +1,141 @@
+"""Typed, validated configuration: YAML files plus ``key=value`` overrides.
+
+Why pydantic with ``extra="forbid"``: a typo in a recipe (``lerning_rate``)
+must be an error naming the key and the file, never a silently ignored
+setting. Sections that belong to the core (model, data) live here; the
+training sections live in :mod:`diffalign.trainers.config` and reuse the
+loader and error formatting below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the file."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, fields are typed."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(StrictModel):
+    """Which base model to align, and how its noise process is read."""
+
+    path: str = Field(description="Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a local diffusers folder.")
+    family: Literal["auto", "sd", "sdxl", "sd3"] = Field(
+        "auto", description="Model family; 'auto' reads model_index.json (sd covers SD 1.x and 2.x)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    variant: str | None = Field(None, description="Weight variant on the hub, e.g. 'fp16'.")
+    timestep_mode: Literal["uniform", "distilled"] = Field(
+        "uniform",
+        description="'distilled' maps t to 250*(t mod 4)+249 for Turbo-style few-step models (DDPM only).",
+    )
+    flow_weighting: Literal["logit_normal", "uniform", "mode"] = Field(
+        "logit_normal", description="Rectified flow: density of the training timesteps (SD3 recipe: logit_normal)."
+    )
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
+    flow_mode_scale: float = 1.29
+    use_t5: bool = Field(True, description="SD3: use the T5 encoder when the model has one (False drops it, as the SD3 pipeline allows).")
+    max_sequence_length: int = Field(256, gt=0, description="SD3: T5 token length (the pipeline's default is 256).")
+    attention: Literal["sdpa", "xformers"] = Field(
+        "sdpa", description="Attention kernel: PyTorch SDPA (default) or xformers (install the xformers extra)."
+    )
+
+
+class DataConfig(StrictModel):
+    """Where the preference data is and how images are prepared."""
+
+    path: str = Field(description="Parquet file/folder, save_to_disk folder, JSONL manifest, or hub dataset id.")
+    format: Literal["auto", "pickapic", "jsonl"] = "auto"
+    split: str = "train"
+    resolution: int = Field(512, gt=0, description="Square training resolution in pixels.")
+    center_crop: bool = Field(True, description="Centre crop (True) or one random crop per group (False).")
+    random_flip: bool = Field(True, description="Flip a whole group horizontally with probability 0.5.")
+    drop_ties: bool = Field(True, description="Drop tie rows (label 0.5); they are counted and reported.")
+    empty_prompt_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="Replace a group's prompt by '' with this probability (official DPO: 0.2)."
+    )
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (debugging).")
+    cache_dir: str | None = Field(None, description="Precomputed latents/embeddings from `diffalign cache`.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "<root>"
+
+
+def format_validation_error(error: ValidationError, source: str, prefix: str = "") -> str:
+    """Turn pydantic's report into lines that name the file and the dotted key."""
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = prefix + _format_location(item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif item["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_section(model: type[ModelT], data: Any, source: str, prefix: str = "") -> ModelT:
+    """Validate ``data`` into ``model`` or raise ConfigError naming ``source`` and the key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source, prefix)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections at its top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars (``3``, ``true``, ``null``)."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} must look like key.path=value")
+        dotted, raw = override.split("=", 1)
+        keys = dotted.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"override {override!r} has an empty key")
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {key} is a value, not a section")
+            node = child
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_config(model: type[ModelT], path: str | Path | None, overrides: list[str] | None = None) -> ModelT:
+    """Load a config file with overrides into a validated ``model``."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    source = str(path) if path is not None else "command-line overrides"
+    if overrides:
+        source += f" (with overrides {' '.join(overrides)})"
+    return validate_section(model, data, source)

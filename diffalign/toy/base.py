@@ -1,0 +1,164 @@
+"""The toy base model: a tiny SD1.5-shaped pipeline pretrained on the toy world.
+
+Why: DPO needs a reference whose denoising errors already depend on the
+caption; from a random UNet it learns only low-level noise statistics
+(TOYWORLD.md: held-out accuracy 0.47-0.63, LoRA at chance). So the base is
+(1) a tiny VAE fitted to reconstruct toy images (so samples can be decoded and
+looked at), then (2) the UNet trained briefly with the ordinary denoising loss
+on winner images and their captions (10% empty captions, so classifier-free
+guidance has an unconditional model). This is pretraining of the toy world,
+not an alignment method: alignment runs through ``diffalign.trainers``.
+
+The result is a plain diffusers folder, cached under a key derived from the
+whole recipe, so the quickstart and the tests build it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from diffalign.backbones import StableDiffusionBackbone
+from diffalign.noise import DDPMProcess, per_sample_error
+from diffalign.tiny import build_pipeline
+from diffalign.toy.world import ToyWorldSpec, write_toy_world
+
+BASE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ToyBaseRecipe:
+    """Everything the toy base depends on; its fingerprint names the cache folder."""
+
+    world: ToyWorldSpec = field(default_factory=ToyWorldSpec)
+    n_train: int = 3000
+    seed: int = 0
+    vae_steps: int = 300
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 800
+    unet_lr: float = 2e-3
+    batch_size: int = 32
+    empty_prompt_prob: float = 0.1
+
+    def fingerprint(self) -> str:
+        payload = {"version": BASE_VERSION, **dataclasses.asdict(self), "world": self.world.fingerprint()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _decode_column(table, column: str) -> torch.Tensor:
+    """JPEG bytes -> [N, 3, H, W] in [-1, 1]."""
+    arrays = [np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB")) for data in table.column(column).to_pylist()]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _winners_and_losers(train_parquet: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    table = pq.read_table(train_parquet, columns=["jpg_0", "jpg_1", "label_0", "caption"])
+    first, second = _decode_column(table, "jpg_0"), _decode_column(table, "jpg_1")
+    zero_wins = torch.tensor(table.column("label_0").to_pylist()) == 1.0
+    mask = zero_wins.reshape(-1, 1, 1, 1)
+    winners = torch.where(mask, first, second)
+    losers = torch.where(mask, second, first)
+    return winners, losers, [str(c) for c in table.column("caption").to_pylist()]
+
+
+def fit_vae(vae, images: torch.Tensor, recipe: ToyBaseRecipe, generator: torch.Generator, log=print) -> None:
+    """Reconstruction + a tiny KL term; then set scaling_factor so latents have unit std (as SD's VAE does)."""
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    for step in range(recipe.vae_steps):
+        batch = images[torch.randint(0, len(images), (recipe.batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = F.mse_loss(reconstruction, batch) + recipe.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 100 == 0:
+            log(f"  vae step {step + 1}/{recipe.vae_steps}: reconstruction mse {F.mse_loss(reconstruction, batch):.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+
+
+def pretrain_unet(backbone: StableDiffusionBackbone, winners: torch.Tensor, captions: list[str], recipe: ToyBaseRecipe, generator: torch.Generator, log=print) -> None:
+    """The ordinary denoising loss on (winner, caption), with shared core pieces (noise process, predict)."""
+    with torch.no_grad():
+        latents = torch.cat([backbone.encode_images(winners[i : i + 256]) for i in range(0, len(winners), 256)])
+        texts = sorted(set(captions)) + [""]
+        embeds = backbone.encode_prompts(texts)["prompt_embeds"]
+    text_index = torch.tensor([texts.index(c) for c in captions])
+    empty = len(texts) - 1
+    unet = backbone.denoiser.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
+    running = []
+    for step in range(recipe.unet_steps):
+        rows = torch.randint(0, len(latents), (recipe.batch_size,), generator=generator)
+        conditioning = text_index[rows].clone()
+        conditioning[torch.rand(recipe.batch_size, generator=generator) < recipe.empty_prompt_prob] = empty
+        x0 = latents[rows]
+        eps = torch.randn(x0.shape, generator=generator)
+        t = backbone.noise.sample_timesteps(recipe.batch_size, generator)
+        noised = backbone.noise.noise(x0, eps, t)
+        prediction = backbone.predict(unet, noised.noisy, noised.timesteps, {"prompt_embeds": embeds[conditioning]})
+        loss = per_sample_error(prediction, noised.target).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running.append(float(loss))
+        if (step + 1) % 200 == 0:
+            log(f"  unet step {step + 1}/{recipe.unet_steps}: denoising loss {np.mean(running[-200:]):.4f}")
+    unet.eval().requires_grad_(False)
+
+
+def build_toy_base(folder: str | Path, recipe: ToyBaseRecipe, train_parquet: str | Path, log=print) -> Path:
+    """Fit the VAE, pretrain the UNet and save the pipeline to ``folder`` atomically."""
+    folder = Path(folder)
+    torch.manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    pipeline = build_pipeline("sd15", seed=recipe.seed, sample_size=recipe.world.image_size)
+    winners, losers, captions = _winners_and_losers(Path(train_parquet))
+    started = time.perf_counter()
+    log(f"toy base: fitting the VAE ({recipe.vae_steps} steps)")
+    fit_vae(pipeline.vae, torch.cat([winners, losers]), recipe, generator, log)
+    noise = DDPMProcess.from_scheduler_config(dict(pipeline.scheduler.config))
+    backbone = StableDiffusionBackbone(pipeline.unet, noise, pipeline.tokenizer, pipeline.text_encoder, pipeline.vae)
+    log(f"toy base: pretraining the UNet on winners ({recipe.unet_steps} steps)")
+    pretrain_unet(backbone, winners, captions, recipe, generator, log)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        pipeline.save_pretrained(staging)
+        (staging / "toy_base.json").write_text(json.dumps({"fingerprint": recipe.fingerprint()}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"toy base: built in {time.perf_counter() - started:.0f} s -> {folder}")
+    return folder
+
+
+def ensure_toy_world_and_base(cache_root: str | Path, recipe: ToyBaseRecipe = ToyBaseRecipe(), n_heldout: int = 300, log=print):
+    """Toy data and toy base under ``cache_root``, built on first use and reused after."""
+    cache_root = Path(cache_root)
+    world = write_toy_world(cache_root / f"toy-world-{recipe.world.fingerprint()}", recipe.world, n_train=recipe.n_train, n_heldout=n_heldout, train_seed=recipe.seed, heldout_seed=recipe.seed + 1)
+    base = cache_root / f"toy-base-{recipe.fingerprint()}"
+    if not (base / "toy_base.json").is_file():
+        build_toy_base(base, recipe, world.train, log)
+    return world, base

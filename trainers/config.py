@@ -1,0 +1,114 @@
+"""The training recipe: model + data (core sections) + method + train + lora.
+
+``method`` is validated by the chosen Objective's own config class, so each
+method owns its hyperparameters and their help text; an unknown key there is
+reported as ``method.<key>`` with the file's name, like everywhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SerializeAsAny, field_validator
+
+from diffalign.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    StrictModel,
+    apply_overrides,
+    read_yaml,
+    validate_section,
+)
+
+from .objectives import objective_entry
+
+
+class LoraSection(StrictModel):
+    """LoRA adapters (peft) on the denoiser's attention projections."""
+
+    rank: int = Field(8, gt=0, description="Adapter rank (DPO LoRA recipe: 8).")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; defaults to the rank (scale 1).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default: the family's attention projections."
+    )
+
+
+class TrainSection(StrictModel):
+    """Optimisation, precision, checkpointing and logging."""
+
+    output_dir: str = Field("outputs/run", description="Checkpoints, logs, metrics.jsonl and the final weights.")
+    seed: int = 0
+    mode: Literal["lora", "full"] = Field("lora", description="LoRA adapters or full fine-tuning of the denoiser.")
+    max_steps: int = Field(2000, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(1, gt=0, description="Groups (pairs) per device per micro-step.")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    scale_lr: bool = Field(False, description="Multiply the lr by batch_size x accumulation x processes (official DPO).")
+    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant_with_warmup"
+    lr_warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null logs it without clipping.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = Field(500, gt=0, description="Save checkpoint-{step} every N steps.")
+    checkpoints_total_limit: int | None = Field(None, gt=0, description="Keep only the last K checkpoints.")
+    resume_from: str | None = Field(None, description="A checkpoint folder, or 'latest' in output_dir.")
+    log_every: int = Field(1, gt=0)
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    progress_bar: bool = True
+
+
+class TrainConfig(StrictModel):
+    """A whole training recipe."""
+
+    model: ModelConfig
+    data: DataConfig
+    method: SerializeAsAny[BaseModel]
+    train: TrainSection = TrainSection()
+    lora: LoraSection = LoraSection()
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_is_validated_by_loader(cls, value: Any) -> Any:
+        if not isinstance(value, BaseModel):
+            raise ValueError("build TrainConfig with load_train_config (method needs its objective's schema)")
+        return value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def train_config_from_dict(data: dict[str, Any], source: str) -> TrainConfig:
+    """Validate a recipe mapping; errors name ``source`` and the dotted key."""
+    data = dict(data)
+    method = data.pop("method", None)
+    if not isinstance(method, dict) or "name" not in method:
+        raise ConfigError(f"invalid configuration in {source}:\n  method.name: required key is missing")
+    try:
+        entry = objective_entry(str(method["name"]))
+    except KeyError as error:
+        raise ConfigError(f"invalid configuration in {source}:\n  method.name: {error.args[0]}") from None
+    method_config = validate_section(entry.config_class, method, source, prefix="method.")
+    for key in ("model", "data"):
+        if key not in data:
+            raise ConfigError(f"invalid configuration in {source}:\n  {key}: required section is missing")
+    data["method"] = method_config
+    return validate_section(TrainConfig, data, source)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML recipe, apply ``key=value`` overrides, validate every section."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    source = str(path) if path is not None else "command-line overrides"
+    return train_config_from_dict(data, source)

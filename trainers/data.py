@@ -1,0 +1,82 @@
+"""Training data for the loop: raw preference rows, or a matching cache of encoded groups."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from diffalign.backbones import Backbone
+from diffalign.cache import CachedGroupsDataset, check_cache, collate_cached, open_source
+from diffalign.data import EpochBatchSampler, GroupTransform, PreferenceDataset, SkipReport, collate_groups, derive_seed
+
+from .config import TrainConfig
+
+
+class KeyedDataset:
+    """Adds each item's noise seed, a pure function of (seed, epoch, index).
+
+    Drawing a group's noise, timestep and prompt dropout from its own seed makes
+    a step independent of how groups are split into micro-batches and processes:
+    1 x 8 accumulation equals 8 x 1, and N processes equal one (STYLE.md, principle 8).
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        item = self.dataset[key]
+        item["noise_seed"] = derive_seed("noise", self.seed, *key)
+        return item
+
+
+def with_noise_seeds(collate: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
+    """Wrap a collate function so the batch carries the usable items' noise seeds, in batch order."""
+
+    def collate_with_seeds(items: list[dict]) -> dict:
+        batch = collate(items)
+        batch["noise_seeds"] = [item["noise_seed"] for item in items if "bad" not in item]
+        return batch
+
+    return collate_with_seeds
+
+
+@dataclass
+class TrainingData:
+    """A dataset addressed by (epoch, index), its collate function and the report of skipped rows."""
+
+    dataset: Any
+    collate: Callable[[list[dict]], dict]
+    report: SkipReport
+    source_name: str
+
+    def batch_sampler(self, batch_size: int, seed: int, start_batch: int) -> EpochBatchSampler:
+        return EpochBatchSampler(len(self.dataset), batch_size, seed, shuffle=True, drop_last=True, start_batch=start_batch)
+
+    def usable(self, batch: dict) -> bool:
+        """Record rows that failed to decode; False when none of the batch is left."""
+        self.report.record_all(self.source_name, batch.get("skipped", []))
+        return bool(batch["row_ids"])
+
+
+def build_training_data(config: TrainConfig, backbone: Backbone, is_main_process: bool = True) -> TrainingData:
+    """Open the configured data; with ``data.cache_dir`` the cache must match the model and data."""
+    report = SkipReport()
+    if config.data.cache_dir is not None:
+        manifest = check_cache(config.data.cache_dir, config.model, config.data)
+        dataset = CachedGroupsDataset(config.data.cache_dir, manifest)
+        skipped_at_build = manifest["skipped"]  # rows the cache builder skipped stay in this run's summary
+        report.total += int(skipped_at_build.get("total", 0))
+        report.rows_seen += int(skipped_at_build.get("rows_seen", 0))
+        for reason, count in skipped_at_build.get("counts", {}).items():
+            report.counts[reason] = report.counts.get(reason, 0) + count
+        collate = functools.partial(collate_cached, empty_text=dataset.text(0))
+        return TrainingData(KeyedDataset(dataset, config.train.seed), with_noise_seeds(collate), report, config.data.cache_dir)
+    source = open_source(config.data, report)
+    transform = GroupTransform(config.data.resolution, config.data.center_crop, config.data.random_flip)
+    dataset = PreferenceDataset(source, transform, config.train.seed)
+    return TrainingData(KeyedDataset(dataset, config.train.seed), with_noise_seeds(collate_groups), report, source.name)

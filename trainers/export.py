@@ -1,0 +1,60 @@
+"""The run's final weights, in the formats stock diffusers loads.
+
+LoRA: ``final/pytorch_lora_weights.safetensors`` written by the family's
+pipeline ``save_lora_weights`` (so ``pipe.load_lora_weights(final)`` takes it).
+Full fine-tune: ``final/unet`` or ``final/transformer`` via ``save_pretrained``.
+``final/diffalign.json`` records the base model, so the result can be
+reloaded without remembering it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from diffalign.backbones import Backbone
+
+from .checkpoint import replace_folder
+
+RECORD_FILE = "diffalign.json"
+
+
+def save_final(network: nn.Module, backbone: Backbone, output_dir: str | Path, mode: str, record: dict[str, Any]) -> Path:
+    """Write ``output_dir/final`` atomically (staging folder, then rename)."""
+    import diffusers
+
+    output_dir = Path(output_dir)
+    final = output_dir / "final"
+    staging = output_dir / ".final.tmp"
+    staging.mkdir(parents=True, exist_ok=True)
+    if mode == "lora":
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        pipeline_class = getattr(diffusers, backbone.pipeline_class_name)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(network))
+        kwargs: dict[str, Any] = {backbone.lora_layers_argument: layers, "safe_serialization": True}
+        metadata_argument = backbone.lora_layers_argument.replace("_layers", "_adapter_metadata")
+        if metadata_argument in inspect.signature(pipeline_class.save_lora_weights).parameters:
+            kwargs[metadata_argument] = network.peft_config["default"].to_dict()  # keeps alpha != rank exact
+        pipeline_class.save_lora_weights(str(staging), **kwargs)
+    else:
+        network.save_pretrained(str(staging / backbone.denoiser_subfolder))
+    (staging / RECORD_FILE).write_text(json.dumps({"mode": mode, "family": backbone.family, **record}, indent=2))
+    replace_folder(staging, final)
+    return final
+
+
+def load_trained_denoiser(final: str | Path, base_denoiser: nn.Module) -> nn.Module:
+    """The trained network from ``final``: LoRA merged onto ``base_denoiser``, or the saved full network."""
+    final = Path(final)
+    record = json.loads((final / RECORD_FILE).read_text())
+    if record["mode"] == "full":
+        subfolder = "transformer" if record["family"] == "sd3" else "unet"
+        return type(base_denoiser).from_pretrained(str(final / subfolder))
+    base_denoiser.load_lora_adapter(str(final), prefix="transformer" if record["family"] == "sd3" else "unet")
+    return base_denoiser

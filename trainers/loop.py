@@ -1,0 +1,178 @@
+"""The one training loop: setup -> train -> save, for every method and every backbone.
+
+Reads straight through. Methods differ only by their Objective (and by how
+their data is grouped); families only by their Backbone. Works unchanged under
+``accelerate launch`` (DDP, FSDP, DeepSpeed).
+
+Reproducibility: each group's noise, timestep and prompt dropout come from a
+generator seeded by (seed, epoch, index) of its row, and the data order is a
+pure function of (seed, epoch), so a resumed run replays exactly the batches
+and noise the uninterrupted run would have seen, and how groups are split
+into micro-batches and processes does not change what they are trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from diffalign.backbones import load_backbone
+
+from .checkpoint import read_state, register_denoiser_hooks, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .data import TrainingData, build_training_data
+from .export import save_final
+from .metrics import MetricsWriter, MetricWindow
+from .models import (
+    build_lr_scheduler,
+    build_optimizer,
+    build_policy_and_reference,
+    enable_memory_savers,
+)
+from .objectives import objective_entry
+from .step import encode_groups, group_generators, objective_step
+
+logger = logging.getLogger("diffalign.train")
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run put its outputs."""
+
+    output_dir: Path
+    final_dir: Path
+    metrics_file: Path
+    steps: int
+    skipped_rows: int
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run a training recipe to ``train.max_steps`` (resuming if asked) and save the final weights."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    run = config.train
+    output_dir = Path(run.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        mixed_precision=run.mixed_precision,
+        log_with=None if run.report_to == "none" else run.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    set_seed(run.seed)
+    weight_dtype = WEIGHT_DTYPES[run.mixed_precision]
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config.to_yaml())
+
+    # --- setup: method, model, data, optimisation ---------------------------------------------
+    objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
+    backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
+    data: TrainingData = build_training_data(config, backbone, accelerator.is_main_process)
+    backbone.to(accelerator.device, weight_dtype)
+    policy, reference = build_policy_and_reference(
+        backbone, run.mode, config.lora, objective.needs_reference, weight_dtype
+    )
+    if reference is not None and hasattr(reference, "network") and run.mode == "full":
+        reference.network.to(accelerator.device)
+    enable_memory_savers(policy, run.gradient_checkpointing, config.model.attention)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    processes = accelerator.num_processes
+    effective_batch = run.batch_size * run.gradient_accumulation_steps * processes
+    learning_rate = run.learning_rate * effective_batch if run.scale_lr else run.learning_rate
+    optimizer = build_optimizer(trainable, run, learning_rate)
+    lr_scheduler = build_lr_scheduler(optimizer, run, processes)
+    register_denoiser_hooks(accelerator, lora=run.mode == "lora")
+    policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
+    if run.mode == "lora" and reference is not None:
+        reference.network = accelerator.unwrap_model(policy)  # type: ignore[attr-defined]
+
+    step = micro_step = 0  # micro_step counts batches drawn by this process (empty ones included)
+    checkpoint = resolve_resume(run.resume_from, output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = read_state(checkpoint)
+        step, micro_step = int(state["step"]), int(state["micro_step"])
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    elif run.resume_from == "latest":
+        logger.info("no checkpoint in %s yet: starting a new run", output_dir)
+
+    loader = DataLoader(
+        data.dataset,
+        batch_sampler=data.batch_sampler(run.batch_size, run.seed, start_batch=micro_step * processes),
+        collate_fn=data.collate,
+        num_workers=config.data.num_workers,
+    )
+    loader = accelerator.prepare(loader)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("diffalign", config={"method": config.method.name, "lr": learning_rate})
+        print(
+            f"diffalign: {config.method.name} on {backbone.family} ({run.mode}), {len(data.dataset)} groups, "
+            f"effective batch {effective_batch} = {run.batch_size} x {run.gradient_accumulation_steps} accumulation "
+            f"x {processes} processes, {run.max_steps} steps" + (f", resuming at {step}" if step else "")
+        )
+    metrics_writer = MetricsWriter(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process, truncate_after=step)
+    window = MetricWindow()
+    progress = tqdm(
+        total=run.max_steps, initial=step, desc="train", disable=not (run.progress_bar and accelerator.is_local_main_process)
+    )
+
+    # --- train ----------------------------------------------------------------------------------
+    policy.train()
+    loader_iter = iter(loader)
+    while step < run.max_steps:
+        batch = next(loader_iter)
+        micro_step += 1
+        if not data.usable(batch):  # every row of this batch failed to decode: reported, nothing to train on
+            continue
+        with accelerator.accumulate(policy):
+            generators = group_generators(batch["noise_seeds"])
+            drop = torch.tensor([float(torch.rand(1, generator=g)) < config.data.empty_prompt_prob for g in generators])
+            groups = encode_groups(backbone, batch, config.data.resolution, drop if drop.any() else None)
+            output = objective_step(backbone, policy, reference, objective, groups, generators, weight_dtype)
+            accelerator.backward(output.loss)
+            grad_norm = None
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(trainable, run.max_grad_norm or math.inf)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        window.add({"loss": output.loss.detach(), **output.metrics})
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        if step % run.log_every == 0 or step == run.max_steps:
+            logs = window.reduce(accelerator)
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            accelerator.log(logs, step=step)
+            metrics_writer.write(step, logs)
+            progress.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
+        window.clear()
+        if step % run.checkpointing_steps == 0 or step == run.max_steps:
+            save_checkpoint(accelerator, output_dir, step, {"micro_step": micro_step}, run.checkpoints_total_limit)
+    progress.close()
+
+    # --- save -----------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    final_dir = output_dir / "final"
+    if accelerator.is_main_process:
+        record = {"base_model": config.model.path, "method": config.method.name, "steps": step}
+        final_dir = save_final(accelerator.unwrap_model(policy), backbone, output_dir, run.mode, record)
+        summary = data.report.summary()
+        (output_dir / "skipped_rows.json").write_text(json.dumps(data.report.counts, indent=2))
+        print(summary)
+        print(f"diffalign: final weights in {final_dir}; metrics in {metrics_writer.path}")
+    accelerator.end_training()
+    return TrainResult(output_dir, final_dir, metrics_writer.path, step, data.report.total)
