@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from diffalign.backbones import Backbone
-from diffalign.config import DataConfig, ModelConfig
+from diffalign.config import ConfigError, DataConfig, ModelConfig
 from diffalign.data import (
     EpochBatchSampler,
     GroupTransform,
@@ -45,8 +45,8 @@ MANIFEST = "manifest.json"
 ENCODER_FOLDERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
-class StaleCacheError(ValueError):
-    """The cache was built for another model, resolution, crop or data."""
+class StaleCacheError(ConfigError):
+    """The cache was built for another model, resolution, crop or data than the config names."""
 
 
 def _digest(payload: Any) -> str:

@@ -67,6 +67,12 @@ class TrainSection(StrictModel):
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     progress_bar: bool = True
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as False; accelerate's spelling is the string "no".
+        return "no" if value is False else value
+
 
 class TrainConfig(StrictModel):
     """A whole training recipe."""
@@ -111,4 +117,6 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     source = str(path) if path is not None else "command-line overrides"
+    if overrides:
+        source += f" (with overrides {' '.join(overrides)})"
     return train_config_from_dict(data, source)

@@ -15,7 +15,7 @@ def sdxl_time_ids(original_sizes: Tensor, crop_top_lefts: Tensor, resolution: in
 
     original_sizes, crop_top_lefts: [N, 2] as (h, w) and (top, left) -> [N, 6].
     """
-    target = torch.tensor([resolution, resolution], dtype=original_sizes.dtype).expand(len(original_sizes), 2)
+    target = original_sizes.new_tensor([resolution, resolution]).expand(len(original_sizes), 2)
     return torch.cat([original_sizes, crop_top_lefts, target], dim=1)
 
 

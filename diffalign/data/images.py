@@ -10,6 +10,7 @@ often black), and it clips 16-bit grayscale (most pixels become white).
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,8 @@ def decode_image(data: bytes | str | Path, *, row_id: str, source: str) -> PIL.I
                 rgb = rgb.copy()
             return rgb
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise BadRowError(
-            source, row_id, f"undecodable image: {type(exc).__name__}: {exc} ({what})"
-        ) from exc
+        detail = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # no memory addresses in reports
+        raise BadRowError(source, row_id, f"undecodable image: {type(exc).__name__}: {detail} ({what})") from exc
 
 
 def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:

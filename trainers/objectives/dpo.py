@@ -53,6 +53,10 @@ class DiffusionDPO:
             raise ValueError("Diffusion-DPO needs the reference model's errors")
         if policy_errors.ndim != 2 or policy_errors.shape[1] != 2:
             raise ValueError(f"Diffusion-DPO expects [G, 2] errors (winner, loser), got {tuple(policy_errors.shape)}")
+        if reference_errors.shape != policy_errors.shape:
+            raise ValueError(
+                f"reference errors {tuple(reference_errors.shape)} do not match policy errors {tuple(policy_errors.shape)}"
+            )
         policy_gap = policy_errors[:, 0] - policy_errors[:, 1]  # d_theta [G]
         reference_gap = reference_errors[:, 0] - reference_errors[:, 1]  # d_ref [G]
         margin_gap = policy_gap - reference_gap

@@ -1,0 +1,161 @@
+"""The training loop end to end: every family's recipe, LoRA and full, artifacts, resume, invariances, cache."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffalign.apps.cli import main
+from diffalign.trainers.metrics import read_metrics
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(output_dir / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "sd3"])
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_recipe_runs_on_tiny_model(family, mode, tiny_models, toy_pairs, train_args, tmp_path):
+    """Each family's DPO recipe runs a few steps through `diffalign train` and saves what stock diffusers loads."""
+    out = tmp_path / "run"
+    code = main(train_args(family, tiny_models[family], toy_pairs, out, f"train.mode={mode}", "train.checkpointing_steps=2"))
+    assert code == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert all(math.isfinite(row["loss"]) and 0.0 <= row["implicit_acc"] <= 1.0 for row in rows)
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-3").is_dir()
+    assert not list(out.glob(".*tmp*")), "no staging folder is left behind"
+    record = json.loads((out / "final" / "diffalign.json").read_text())
+    assert record["mode"] == mode and record["steps"] == 3
+    if mode == "lora":
+        assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    else:
+        subfolder = "transformer" if family == "sd3" else "unet"
+        assert (out / "final" / subfolder / "config.json").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents*")), "TensorBoard events are written"
+
+
+def _stock_pipeline(family: str, path: Path):
+    from diffusers import DiffusionPipeline
+
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
+    pipeline = DiffusionPipeline.from_pretrained(path, **extra)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _generate(pipeline) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    output = pipeline("a red circle", num_inference_steps=2, height=32, width=32, output_type="latent", generator=generator)
+    return output.images
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+def test_saved_lora_loads_into_stock_pipeline_and_changes_output(family, tiny_models, toy_pairs, train_args, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(family, tiny_models[family], toy_pairs, out, "train.mode=lora", "train.learning_rate=1e-2", "train.scale_lr=false")) == 0
+    pipeline = _stock_pipeline(family, tiny_models[family])
+    before = _generate(pipeline)
+    pipeline.load_lora_weights(str(out / "final"))
+    after = _generate(pipeline)
+    pipeline.unload_lora_weights()
+    unloaded = _generate(pipeline)
+    assert before.shape == after.shape
+    assert (after - before).abs().max() > 1e-6, "the trained LoRA must change the stock pipeline's output (generation is deterministic)"
+    assert torch.equal(unloaded, before), "the change is the LoRA's: unloading it restores the base output"
+
+
+def test_full_fine_tune_saves_a_loadable_changed_unet(tiny_models, toy_pairs, train_args, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "run"
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, out, "train.mode=full", "train.learning_rate=1e-4", "train.scale_lr=false")) == 0
+    trained = UNet2DConditionModel.from_pretrained(out / "final" / "unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_models["sd15"], subfolder="unet")
+    diffs = [(a - b).abs().max().item() for a, b in zip(trained.state_dict().values(), base.state_dict().values())]
+    assert max(diffs) > 0
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_reproduces_the_uninterrupted_losses(mode, tiny_models, toy_pairs, train_args, tmp_path):
+    """10 straight steps and 5 + resume + 5 give the same losses (torchtune's resume invariance)."""
+    common = [f"train.mode={mode}", "train.checkpointing_steps=5", "train.lr_scheduler=constant_with_warmup",
+              "train.lr_warmup_steps=3", "train.learning_rate=1e-3", "train.scale_lr=false"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, straight, *common, "train.max_steps=10")) == 0
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, resumed, *common, "train.max_steps=5")) == 0
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, resumed, *common, "train.max_steps=10", "train.resume_from=latest")) == 0
+    assert len(losses(straight)) == 10
+    assert losses(resumed) == losses(straight)
+
+
+def test_gradient_accumulation_1x4_equals_4x1(tiny_models, toy_pairs, train_args, tmp_path):
+    """One step on 4 pairs, as one batch of 4 or as 4 accumulated batches of 1 (trl's invariance test).
+
+    Per-group noise seeds make the two see identical noise; the logged loss and the norm of the
+    accumulated gradient (before clipping) must agree. (Parameters after one AdamW step are not
+    compared: Adam's first update is ~lr*sign(g), which flips for gradients near zero.)
+    """
+    common = ["train.mode=full", "train.max_steps=1", "train.learning_rate=1e-3", "train.scale_lr=false", "train.lr_scheduler=constant"]
+    one_batch, accumulated = tmp_path / "b4", tmp_path / "ga4"
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, one_batch, *common, "train.batch_size=4")) == 0
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, accumulated, *common, "train.batch_size=1", "train.gradient_accumulation_steps=4")) == 0
+    a, b = read_metrics(one_batch / "metrics.jsonl")[0], read_metrics(accumulated / "metrics.jsonl")[0]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grad_norm"] > 0
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert a["implicit_acc"] == b["implicit_acc"]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_training_from_cache_matches_and_never_loads_encoders(family, tiny_models, toy_pairs, train_args, tmp_path, monkeypatch):
+    import diffusers
+    import transformers
+
+    cache = tmp_path / "cache"
+    # beta=10: with the recipe's 5000, float rounding between batched and unbatched VAE calls (~1e-7)
+    # is amplified into visibly different trajectories; the comparison is about the cache, not beta.
+    args = train_args(family, tiny_models[family], toy_pairs, tmp_path / "plain", "data.random_flip=false", "train.mode=lora",
+                      "train.learning_rate=1e-3", "train.scale_lr=false", "method.beta=10")
+    assert main(args) == 0
+    assert main(["cache", args[1], *args[2:], f"data.cache_dir={cache}", "--batch-size", "8", "--shard-size", "16"]) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["num_groups"] == 64 and len(manifest["group_shards"]) == 4
+
+    def refuse(*_, **__):
+        raise AssertionError("training from a cache must not load the VAE or text encoders")
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.CLIPTextModel, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.CLIPTextModelWithProjection, "from_pretrained", refuse)
+    cached_args = [a.replace(str(tmp_path / "plain"), str(tmp_path / "cached")) for a in args]
+    assert main([*cached_args, f"data.cache_dir={cache}"]) == 0
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+
+
+def test_stale_cache_is_refused_with_what_changed(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path / "run", "data.random_flip=false", f"data.cache_dir={cache}")
+    assert main(["cache", *args[1:]]) == 0
+    assert main([*args, "data.resolution=64"]) == 2
+    message = capsys.readouterr().err
+    assert "stale" in message and "resolution" in message and "diffalign cache" in message
+    assert main([*args, f"model.path={tiny_models['sd2']}"]) == 2
+    assert "model" in capsys.readouterr().err
+
+
+def test_unknown_config_key_names_key_and_file(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    args = train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path / "run", "train.lerning_rate=1e-4")
+    assert main(args) == 2
+    message = capsys.readouterr().err
+    assert "train.lerning_rate" in message and "unknown key" in message and "configs/sd15/dpo.yaml" in message
+
+
+def test_missing_data_file_is_a_clear_error(tiny_models, train_args, tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "pairs.parquet"
+    assert main(train_args("sd15", tiny_models["sd15"], missing, tmp_path / "run")) == 2
+    assert str(missing) in capsys.readouterr().err
