@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine: `make quickstart` and `make test`.
+# Both create .venv (CPU PyTorch 2.13 first, so pip does not pull a CUDA build) and install diffalign into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/diffalign: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+.PHONY: install quickstart test clean
+install: $(BIN)/diffalign
+
+quickstart: install
+	$(BIN)/diffalign quickstart
+
+test: install
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) quickstart_out
