@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, ImportError) as error:
         print(f"diffalign {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -159,3 +159,44 @@ def test_missing_data_file_is_a_clear_error(tiny_models, train_args, tmp_path, c
     missing = tmp_path / "nowhere" / "pairs.parquet"
     assert main(train_args("sd15", tiny_models["sd15"], missing, tmp_path / "run")) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_optional_optimizer_without_its_package_says_how_to_install(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("bitsandbytes is installed here")
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path / "run", "train.optimizer=adamw8bit")) == 2
+    assert "pip install 'diffalign[bnb]'" in capsys.readouterr().err
+
+
+def test_two_process_ddp_equals_one_process_at_the_same_global_batch(tiny_models, toy_pairs, train_args, tmp_path):
+    """CPU DDP (gloo, 2 processes x 2 pairs) takes the same first step as 1 process x 4 pairs.
+
+    Launched with torchrun, as `accelerate launch` does on GPUs; ACCELERATE_USE_CPU selects accelerate's
+    multi-CPU backend. Per-group noise seeds make the two runs see the same noise for the same rows.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    common = ["train.mode=full", "train.max_steps=1", "train.learning_rate=1e-3", "train.scale_lr=false", "train.lr_scheduler=constant"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, single, *common, "train.batch_size=4")) == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "diffalign.apps.cli",
+               *train_args("sd15", tiny_models["sd15"], toy_pairs, ddp, *common, "train.batch_size=2")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout
+    a, b = read_metrics(single / "metrics.jsonl"), read_metrics(ddp / "metrics.jsonl")
+    assert len(b) == 1, "only the main process writes metrics"
+    for key in ("loss", "policy_err_winner", "policy_err_loser", "grad_norm"):
+        assert a[0][key] == pytest.approx(b[0][key], rel=1e-5), key

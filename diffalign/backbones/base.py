@@ -102,5 +102,9 @@ def freeze(module: nn.Module) -> nn.Module:
 
 def move_frozen(modules: list[nn.Module | None], device: torch.device | str, dtype: torch.dtype | None) -> None:
     for module in modules:
-        if module is not None:
+        if module is None:
+            continue
+        if dtype is None or dtype == next(module.parameters()).dtype:
+            module.to(device=device)  # no dtype cast: diffusers warns about casts it did not ask for
+        else:
             module.to(device=device, dtype=dtype)

@@ -119,7 +119,7 @@ def pretrain_unet(backbone: StableDiffusionBackbone, winners: torch.Tensor, capt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        running.append(float(loss))
+        running.append(loss.item())
         if (step + 1) % 200 == 0:
             log(f"  unet step {step + 1}/{recipe.unet_steps}: denoising loss {np.mean(running[-200:]):.4f}")
     unet.eval().requires_grad_(False)

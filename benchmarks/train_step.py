@@ -1,0 +1,365 @@
+"""Training-step throughput and peak memory, with and without the latent/embedding cache.
+
+Usage::
+
+    python benchmarks/train_step.py CONFIG [key=value ...] [--steps N] [--warmup W]
+                                    [--cache-dir DIR] [--json OUT] [--modes raw,cached]
+
+Two modes of the *real* training step, one recipe:
+
+* ``raw``    -- images are decoded, resized, VAE-encoded and the prompts run through the
+                text encoder(s) on every step (``data.cache_dir`` unset, encoders loaded);
+* ``cached`` -- latents and embeddings are read from a cache built once with
+                :func:`diffalign.cache.build_cache` (``--cache-dir`` or a temporary folder);
+                only the denoiser is loaded, as ``diffalign train`` does from a cache.
+
+``data.random_flip`` is forced false in both (a cache holds unflipped latents), so the two
+modes train on the same tensors. Each step is timed whole: fetch a batch from the DataLoader,
+``encode_groups``, ``objective_step``, backward, gradient clipping, optimizer step -- data
+loading included, since skipping decoding and encoders is the cache's point. The step is
+assembled from the library's own pieces (``load_train_config``, ``load_backbone``,
+``build_training_data``, ``build_policy_and_reference``, ``build_optimizer``,
+``encode_groups``, ``objective_step``) in the order ``trainers/loop.py`` uses them.
+
+Every step is one optimizer step on one micro-batch of ``train.batch_size`` groups:
+``train.gradient_accumulation_steps`` is ignored (it would only change how often the
+optimizer runs). Pairs/s counts groups (pairs, for DPO) per second.
+
+Memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset at the start of each mode); on
+CPU the growth of the process's peak RSS (``ru_maxrss``) over its resident size when the mode
+started. ``ru_maxrss`` is a high-water mark for the whole process, so each mode (and the
+cache build) runs in a fresh subprocess (``--mode raw|cached|cache``, internal).
+
+Device: CUDA when available (``train.mixed_precision`` honoured), else CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODES = ("raw", "cached")
+FORCED = ["data.random_flip=false"]  # a cache holds unflipped latents: both modes see the same tensors
+
+
+# --- helpers shared by parent and children ------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MiB (Linux /proc; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return _maxrss_mb()
+
+
+def _maxrss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+def _preimport() -> None:
+    """Import the code every mode may load lazily, so the RSS baseline is taken after it.
+
+    diffusers and transformers import model classes on first use; without this the
+    imports (hundreds of MiB of code and tables) would count as the mode's memory.
+    """
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel  # noqa: F401
+    from diffusers.optimization import get_scheduler  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel  # noqa: F401
+    from transformers.optimization import Adafactor  # noqa: F401
+
+
+def _load_config(config: str, overrides: list[str], cache_dir: str | None):
+    from diffalign.trainers.config import load_train_config
+
+    extra = [*FORCED, f"data.cache_dir={cache_dir}" if cache_dir else "data.cache_dir=null"]
+    return load_train_config(config, [*overrides, *extra])
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --- children: one mode each, in a fresh process -------------------------------------------------
+
+
+def build_cache_child(config_path: str, overrides: list[str], cache_dir: str) -> dict[str, Any]:
+    """Build (or reuse, when it matches) the cache for this recipe; returns what was done."""
+    import torch
+
+    from diffalign.backbones import load_backbone
+    from diffalign.cache import build_cache, check_cache
+    from diffalign.config import ConfigError
+
+    config = _load_config(config_path, overrides, cache_dir)
+    try:
+        manifest = check_cache(cache_dir, config.model, config.data)
+        return {"dir": cache_dir, "reused": True, "build_s": None, "num_groups": manifest["num_groups"]}
+    except (FileNotFoundError, ConfigError):
+        pass  # missing or stale: (re)build it
+    device = _device()
+    start = time.perf_counter()
+    backbone = load_backbone(config.model)
+    backbone.to(device)
+    build_cache(backbone, config.model, config.data, cache_dir, dtype=torch.float32, seed=config.train.seed)
+    manifest = check_cache(cache_dir, config.model, config.data)
+    return {"dir": cache_dir, "reused": False, "build_s": time.perf_counter() - start, "num_groups": manifest["num_groups"]}
+
+
+def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: str | None, steps: int, warmup: int) -> dict[str, Any]:
+    """Set up training exactly as the loop does, then time ``warmup + steps`` whole steps."""
+    import math
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from diffalign.backbones import load_backbone
+    from diffalign.trainers.data import build_training_data
+    from diffalign.trainers.loop import WEIGHT_DTYPES
+    from diffalign.trainers.models import build_optimizer, build_policy_and_reference, enable_memory_savers
+    from diffalign.trainers.objectives import objective_entry
+    from diffalign.trainers.step import encode_groups, group_generators, objective_step
+
+    _preimport()
+    device = _device()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss_start, maxrss_start = _rss_mb(), _maxrss_mb()
+
+    config = _load_config(config_path, overrides, cache_dir if mode == "cached" else None)
+    run = config.train
+    if not cuda:
+        run.mixed_precision = "no"  # CPU: fp32 (fp16 autocast is CUDA-only; bf16 on CPU is not what a GPU run measures)
+    accelerator = Accelerator(mixed_precision=run.mixed_precision, gradient_accumulation_steps=1)
+    set_seed(run.seed)
+    weight_dtype = WEIGHT_DTYPES[run.mixed_precision]
+
+    setup_start = time.perf_counter()
+    objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
+    backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
+    data = build_training_data(config, backbone, accelerator.is_main_process)
+    backbone.to(accelerator.device, weight_dtype)
+    policy, reference = build_policy_and_reference(backbone, run.mode, config.lora, objective.needs_reference, weight_dtype)
+    if reference is not None and hasattr(reference, "network") and run.mode == "full":
+        reference.network.to(accelerator.device)
+    enable_memory_savers(policy, run.gradient_checkpointing, config.model.attention)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, run, run.learning_rate)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if run.mode == "lora" and reference is not None:
+        reference.network = accelerator.unwrap_model(policy)  # type: ignore[attr-defined]
+    loader = DataLoader(
+        data.dataset,
+        batch_sampler=data.batch_sampler(run.batch_size, run.seed, start_batch=0),
+        collate_fn=data.collate,
+        num_workers=config.data.num_workers,
+    )
+    setup_s = time.perf_counter() - setup_start
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    policy.train()
+    load_before = _loadavg()
+    loader_iter = iter(loader)
+    durations: list[float] = []
+    groups_per_step: list[int] = []
+    losses: list[float] = []
+    empty_batches = 0
+    while len(durations) < warmup + steps:
+        sync()
+        start = time.perf_counter()
+        batch = next(loader_iter)
+        if not data.usable(batch):  # every row failed to decode: nothing to train on, as in the loop
+            empty_batches += 1
+            continue
+        generators = group_generators(batch["noise_seeds"])
+        drop = torch.tensor([float(torch.rand(1, generator=g)) < config.data.empty_prompt_prob for g in generators])
+        groups = encode_groups(backbone, batch, config.data.resolution, drop if drop.any() else None)
+        output = objective_step(backbone, policy, reference, objective, groups, generators, weight_dtype)
+        accelerator.backward(output.loss)
+        accelerator.clip_grad_norm_(trainable, run.max_grad_norm or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(output.loss.detach())  # a host sync on CUDA, as the loop's logging has
+        sync()
+        durations.append(time.perf_counter() - start)
+        groups_per_step.append(len(batch["noise_seeds"]))
+        losses.append(loss)
+
+    timed, timed_groups = durations[warmup:], groups_per_step[warmup:]
+    total = sum(timed)
+    result: dict[str, Any] = {
+        "mode": mode,
+        "device": device,
+        "mixed_precision": run.mixed_precision,
+        "steps": steps,
+        "warmup": warmup,
+        "groups": sum(timed_groups),
+        "seconds": total,
+        "s_per_step": total / steps,
+        "s_per_step_median": sorted(timed)[len(timed) // 2],
+        "s_per_step_min": min(timed),
+        "pairs_per_s": sum(timed_groups) / total,
+        "setup_s": setup_s,
+        "encoders_loaded": bool(backbone.has_encoders),
+        "empty_batches": empty_batches,
+        "final_loss": losses[-1],
+        "torch_threads": torch.get_num_threads(),
+        "step_seconds": timed,
+        "loadavg_1min": [load_before, _loadavg()],  # other work on the machine skews CPU timings
+    }
+    if cuda:
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["memory_kind"] = "cuda max_memory_allocated"
+    else:
+        maxrss_end = _maxrss_mb()
+        result["peak_memory_mb"] = maxrss_end - rss_start
+        result["memory_kind"] = "peak RSS growth (ru_maxrss - RSS at mode start)"
+        result["peak_rss_mb"] = maxrss_end
+        result["rss_at_start_mb"] = rss_start
+        # The high-water mark may predate the mode (e.g. a transient peak while importing):
+        # then the figure above is an upper bound of what the mode itself needed.
+        result["peak_predates_mode"] = maxrss_end <= maxrss_start
+    return result
+
+
+# --- parent: build the cache, run each mode in its own process, report ---------------------------
+
+
+def _child(argv_tail: list[str], result_file: Path) -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), *argv_tail, "--result-file", str(result_file)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, env=env)
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({completed.returncode}): {' '.join(command)}")
+    return json.loads(result_file.read_text())
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = [("mode", "pairs/s", "s/step", "median s/step", "peak mem (MiB)", "setup s", "vs raw")]
+    raw = report["modes"].get("raw")
+    for mode, r in report["modes"].items():
+        ratio = f"{r['pairs_per_s'] / raw['pairs_per_s']:.2f}x" if raw else "-"
+        rows.append(
+            (
+                mode,
+                f"{r['pairs_per_s']:.2f}",
+                f"{r['s_per_step']:.4f}",
+                f"{r['s_per_step_median']:.4f}",
+                f"{r['peak_memory_mb']:.1f}",
+                f"{r['setup_s']:.1f}",
+                ratio,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="YAML recipe, e.g. configs/sd15/dpo.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, as for `diffalign train`")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, per mode")
+    parser.add_argument("--cache-dir", default=None, help="cache folder (reused when it matches); default: a temp dir")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each mode (default: torch's)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of raw,cached")
+    parser.add_argument("--mode", choices=[*MODES, "cache"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+
+    if args.mode is not None:  # internal: one measurement in this (fresh) process
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if args.mode == "cache":
+            result = build_cache_child(args.config, args.overrides, args.cache_dir)
+        else:
+            result = measure_mode(args.config, args.overrides, args.mode, args.cache_dir, args.steps, args.warmup)
+        if args.result_file:
+            Path(args.result_file).write_text(json.dumps(result))
+        return result
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the temp cache and the child on kill
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--modes: expected a subset of {','.join(MODES)}, got {args.modes!r}")
+    common = [args.config, *args.overrides, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    with tempfile.TemporaryDirectory(prefix="diffalign-bench-") as scratch:
+        scratch_path = Path(scratch)
+        cache_dir = args.cache_dir or str(scratch_path / "cache")
+        report: dict[str, Any] = {
+            "config": args.config,
+            "overrides": [*args.overrides, *FORCED],
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "cache": None,
+            "modes": {},
+        }
+        if "cached" in modes:
+            print(f"train_step: cache in {cache_dir}", flush=True)
+            report["cache"] = _child([*common, "--mode", "cache", "--cache-dir", cache_dir], scratch_path / "cache.json")
+        for mode in modes:
+            print(f"train_step: measuring {mode} ({args.warmup} warm-up + {args.steps} timed steps)", flush=True)
+            tail = [*common, "--mode", mode] + (["--cache-dir", cache_dir] if mode == "cached" else [])
+            report["modes"][mode] = _child(tail, scratch_path / f"{mode}.json")
+        if args.cache_dir is None and report["cache"] is not None:
+            report["cache"]["dir"] = "(temporary, deleted)"
+
+    first = next(iter(report["modes"].values()))
+    report["device"] = first["device"]
+    report["mixed_precision"] = first["mixed_precision"]
+    if "raw" in report["modes"] and "cached" in report["modes"]:
+        report["speedup"] = report["modes"]["cached"]["pairs_per_s"] / report["modes"]["raw"]["pairs_per_s"]
+    print(f"\n{args.config} {' '.join(args.overrides)}")
+    print(f"device {report['device']}, mixed precision {report['mixed_precision']}, {args.steps} timed steps after {args.warmup} warm-up")
+    if report["cache"] and report["cache"].get("build_s") is not None:
+        print(f"cache built in {report['cache']['build_s']:.1f} s ({report['cache']['num_groups']} groups)")
+    print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
