@@ -1,0 +1,135 @@
+"""JSONL manifest reader: one ``{"prompt", "chosen", "rejected"}`` object per line.
+
+Use it through :func:`diffalign.data.sources.open_preference_source`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffalign.data._common import _READER_VERSION, _check_index, _stat_entry
+from diffalign.data.images import decode_image
+from diffalign.data.report import SkipReport
+from diffalign.data.types import BadRowError, PreferenceGroup
+
+__all__ = ["JsonlSource"]
+
+
+@dataclass(frozen=True)
+class _JsonlRow:
+    row_id: str
+    prompt: str
+    chosen: Path
+    rejected: Path
+    captions: tuple[str, str] | None
+
+
+class JsonlSource:
+    """A JSONL manifest of pairs: ``{"prompt", "chosen", "rejected"}`` per line.
+
+    Image paths are relative to the manifest's folder (absolute paths allowed);
+    optional ``"chosen_caption"`` and ``"rejected_caption"`` (both or neither)
+    fill ``captions``. Blank lines are ignored. Bad lines (invalid JSON,
+    missing key, missing image file, empty prompt -> ``"missing caption"``) are
+    reported as ``"<manifest>:<line number>"`` and skipped. The fingerprint
+    covers the manifest and every referenced image (path, size, mtime).
+    """
+
+    def __init__(
+        self, path: Path, *, max_rows: int | None, report: SkipReport, options: dict[str, Any]
+    ) -> None:
+        self.name = path.name
+        self.path = path
+        base = path.parent
+        rows: list[_JsonlRow] = []
+        hasher = hashlib.sha256()
+        hasher.update(json.dumps(
+            {"reader": "jsonl", "version": _READER_VERSION, "manifest": _stat_entry(path), **options},
+            sort_keys=True, default=str,
+        ).encode())
+        with path.open("r", encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if max_rows is not None and len(rows) >= max_rows:
+                    break
+                if not line.strip():
+                    continue
+                report.add_rows(1)
+                rid = f"{self.name}:{line_no}"
+                try:
+                    row, stats = self._parse(line, rid, base)
+                except BadRowError as err:
+                    report.record(self.name, rid, err.reason)
+                    continue
+                rows.append(row)
+                for s in stats:
+                    hasher.update(json.dumps(s).encode())
+        self._rows = rows
+        self._fingerprint = hasher.hexdigest()[:20]
+
+    def _parse(self, line: str, rid: str, base: Path) -> tuple[_JsonlRow, list[list[Any]]]:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadRowError(self.name, rid, f"invalid JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise BadRowError(self.name, rid, f"invalid JSON: expected an object, got {type(obj).__name__}")
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in obj:
+                raise BadRowError(self.name, rid, f"missing key: {key!r}")
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadRowError(self.name, rid, "missing caption: 'prompt' is empty or not a string")
+        captions: tuple[str, str] | None = None
+        has = [k in obj for k in ("chosen_caption", "rejected_caption")]
+        if any(has):
+            if not all(has):
+                missing = "rejected_caption" if has[0] else "chosen_caption"
+                raise BadRowError(self.name, rid, f"missing key: {missing!r} (per-image captions need both)")
+            c0, c1 = obj["chosen_caption"], obj["rejected_caption"]
+            if not (isinstance(c0, str) and c0.strip() and isinstance(c1, str) and c1.strip()):
+                raise BadRowError(self.name, rid, "missing caption: chosen_caption/rejected_caption empty or not a string")
+            captions = (c0, c1)
+        paths: list[Path] = []
+        stats: list[list[Any]] = []
+        for key in ("chosen", "rejected"):
+            value = obj[key]
+            if not isinstance(value, str) or not value:
+                raise BadRowError(self.name, rid, f"bad value: {key!r} must be a non-empty path string")
+            p = Path(value).expanduser()
+            p = p if p.is_absolute() else base / p
+            try:
+                stats.append(_stat_entry(p))
+            except OSError:
+                raise BadRowError(self.name, rid, f"missing image file: {key!r} -> {p}") from None
+            if not p.is_file():
+                raise BadRowError(self.name, rid, f"missing image file: {key!r} -> {p} is not a file")
+            paths.append(p)
+        return _JsonlRow(rid, prompt, paths[0], paths[1], captions), stats
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def row_id(self, index: int) -> str:
+        _check_index(self.name, index, len(self))
+        return self._rows[index].row_id
+
+    def load(self, index: int) -> PreferenceGroup:
+        _check_index(self.name, index, len(self))
+        r = self._rows[index]
+        images = [decode_image(p, row_id=r.row_id, source=self.name) for p in (r.chosen, r.rejected)]
+        return PreferenceGroup(
+            row_id=r.row_id,
+            prompt=r.prompt,
+            images=images,
+            captions=list(r.captions) if r.captions is not None else None,
+        )
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return f"JsonlSource(path={str(self.path)!r}, rows={len(self)})"

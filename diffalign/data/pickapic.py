@@ -1,0 +1,402 @@
+"""Pick-a-Pic v2-style reader: parquet files, ``datasets.save_to_disk`` folders or Hub ids.
+
+Pick-a-Pic v2 has ~850k rows of JPEG bytes, so it is read through
+``datasets`` (Arrow, memory-mapped), never into RAM; opening runs only the
+cheap checks (labels, captions) over the small columns and images are decoded
+lazily in :meth:`PickapicSource.load`. Use it through
+:func:`diffalign.data.sources.open_preference_source`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from diffalign.data._common import _READER_VERSION, _check_index, _hash, _stat_entry
+from diffalign.data.images import decode_image
+from diffalign.data.report import SkipReport
+from diffalign.data.types import BadRowError, PreferenceGroup
+
+if TYPE_CHECKING:
+    import datasets
+    import pyarrow as pa
+
+__all__ = [
+    "PickapicSource",
+    "select_split_files",
+    "PICKAPIC_REQUIRED_COLUMNS",
+]
+
+PICKAPIC_REQUIRED_COLUMNS: tuple[str, ...] = ("jpg_0", "jpg_1", "label_0", "caption")
+_KNOWN_SPLIT = re.compile(r"^(train|test|validation|valid|val|dev|eval)(_[a-z0-9]+)?$", re.IGNORECASE)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHUNK_ROWS = 65_536
+_LABEL_REASON = "label out of {0, 0.5, 1}"
+
+
+@dataclass
+class _Origin:
+    """Where the rows of a datasets.Dataset came from, for row ids and fingerprints."""
+
+    label: str  # shown in row ids when there is a single file/dataset
+    file_labels: list[str]  # per parquet file (empty for save_to_disk / hub)
+    file_offsets: np.ndarray  # start row of each file in the concatenated dataset
+    fingerprint_items: list[Any]
+
+
+class PickapicSource:
+    """Pick-a-Pic v2-style pairs: ``jpg_0``/``jpg_1`` bytes, ``label_0``(/``label_1``), ``caption``.
+
+    Winner is image 0 when ``label_0 == 1`` and image 1 when ``label_0 == 0``.
+    ``label_0 == 0.5`` is a tie: dropped and reported as ``"tie"`` by default;
+    with ``drop_ties=False`` ties are kept with image 0 first -- rarely what
+    you want, since a pairwise objective then pushes towards an arbitrary one
+    of two equally liked images (``scores`` carries the 0.5/0.5 so a
+    tie-aware objective can tell). ``scores`` holds the labels, winner first.
+
+    ``max_rows`` keeps the first ``max_rows`` rows that pass the checks and
+    stops scanning there (so the report covers only the scanned rows).
+    """
+
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        origin: _Origin,
+        *,
+        name: str,
+        drop_ties: bool,
+        max_rows: int | None,
+        report: SkipReport,
+        options: dict[str, Any],
+    ) -> None:
+        self.name = name
+        self._origin = origin
+        self.drop_ties = drop_ties
+        columns = set(ds.column_names)
+        _check_columns(columns, name)
+        self._has_label_1 = "label_1" in columns
+        self._has_ranking_id = "ranking_id" in columns
+        self._caption_pair = [c for c in ("caption_0", "caption_1") if c in columns]
+        if len(self._caption_pair) == 1:
+            raise ValueError(
+                f"{name}: has column {self._caption_pair[0]!r} but not its partner; "
+                "per-image captions need both caption_0 and caption_1"
+            )
+        self._models = all(c in columns for c in ("model_0", "model_1"))
+        ds = _undecoded_images(ds)
+
+        load_cols = ["jpg_0", "jpg_1", "caption", *self._caption_pair]
+        if self._models:
+            load_cols += ["model_0", "model_1"]
+        self._load_ds = ds.select_columns(load_cols)
+        self._id_ds = ds.select_columns(["ranking_id"]) if self._has_ranking_id else None
+
+        kept, labels = self._scan(ds, max_rows, report)
+        self._kept = kept  # global row index of each kept row
+        self._labels = labels  # [n, 2] label_0, label_1 of each kept row
+        self._fingerprint = _hash(
+            {"reader": "pickapic", "version": _READER_VERSION, "data": origin.fingerprint_items, **options}
+        )
+
+    # -- cheap checks ---------------------------------------------------------
+
+    def _scan(self, ds: datasets.Dataset, max_rows: int | None, report: SkipReport) -> tuple[np.ndarray, np.ndarray]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        check_cols = ["label_0", "caption", *self._caption_pair]
+        if self._has_label_1:
+            check_cols.append("label_1")
+        if self._has_ranking_id:
+            check_cols.append("ranking_id")
+        small = ds.select_columns(check_cols).with_format("arrow")
+
+        kept_parts: list[np.ndarray] = []
+        label_parts: list[np.ndarray] = []
+        n_kept = 0
+        n_rows = len(ds)
+        for start in range(0, n_rows, _CHUNK_ROWS):
+            if max_rows is not None and n_kept >= max_rows:
+                break
+            table: pa.Table = small[start : start + _CHUNK_ROWS]
+            l0 = self._float_column(table, "label_0")
+            l1 = self._float_column(table, "label_1") if self._has_label_1 else 1.0 - l0
+            with np.errstate(invalid="ignore"):
+                label_ok = np.isfinite(l0) & ((l0 == 0.0) | (l0 == 0.5) | (l0 == 1.0))
+                if self._has_label_1:
+                    label_ok &= np.isfinite(l1) & (np.abs(l0 + l1 - 1.0) <= 1e-6)
+            caption_ok = np.ones(len(l0), dtype=bool)
+            for col in ["caption", *self._caption_pair]:
+                caption_ok &= self._caption_present(table, col, pa, pc)
+            tie = l0 == 0.5
+            keep = label_ok & caption_ok & (~tie if self.drop_ties else True)
+
+            stop = len(keep)  # rows of this chunk that count as scanned
+            if max_rows is not None:
+                cum = np.cumsum(keep)
+                if cum.size and cum[-1] >= max_rows - n_kept:
+                    stop = int(np.searchsorted(cum, max_rows - n_kept)) + 1
+            keep = keep[:stop]
+            report.add_rows(stop)
+
+            bad = np.flatnonzero(~keep)
+            if bad.size:
+                ids = table.column("ranking_id") if self._has_ranking_id else None
+                for j in bad.tolist():
+                    if not label_ok[j]:
+                        detail = f"label_0={float(l0[j])}" + (f", label_1={float(l1[j])}" if self._has_label_1 else "")
+                        reason = f"{_LABEL_REASON}: {detail}"
+                    elif not caption_ok[j]:
+                        reason = "missing caption"
+                    else:
+                        reason = "tie"
+                    rid = self._make_row_id(start + j, None if ids is None else ids[j].as_py())
+                    report.record(self.name, rid, reason)
+
+            idx = np.flatnonzero(keep)
+            kept_parts.append(idx.astype(np.int64) + start)
+            label_parts.append(np.stack([l0[idx], np.asarray(l1)[idx]], axis=1))
+            n_kept += idx.size
+        kept = np.concatenate(kept_parts) if kept_parts else np.zeros(0, dtype=np.int64)
+        labels = np.concatenate(label_parts) if label_parts else np.zeros((0, 2), dtype=np.float64)
+        return kept, labels
+
+    def _float_column(self, table: pa.Table, col: str) -> np.ndarray:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        column = table.column(col)
+        try:
+            as_float = pc.cast(column, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ValueError(
+                f"{self.name}: column {col!r} has type {column.type}, expected numbers (0, 0.5 or 1)"
+            ) from exc
+        return np.asarray(as_float.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+    def _caption_present(self, table: pa.Table, col: str, pa: Any, pc: Any) -> np.ndarray:
+        column = table.column(col)
+        if pa.types.is_null(column.type):
+            return np.zeros(len(column), dtype=bool)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise ValueError(
+                f"{self.name}: column {col!r} has type {column.type}, expected text captions"
+            )
+        lengths = pc.utf8_length(pc.utf8_trim_whitespace(column))
+        ok = pc.fill_null(pc.greater(lengths, 0), False)
+        return np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+
+    # -- row access -----------------------------------------------------------
+
+    def _make_row_id(self, global_row: int, ranking_id: Any) -> str:
+        o = self._origin
+        if o.file_labels:
+            f = int(np.searchsorted(o.file_offsets, global_row, side="right")) - 1
+            where, local = o.file_labels[f], global_row - int(o.file_offsets[f])
+        else:
+            where, local = o.label, global_row
+        return f"{where}:{ranking_id if ranking_id is not None else local}"
+
+    def __len__(self) -> int:
+        return int(self._kept.size)
+
+    def row_id(self, index: int) -> str:
+        _check_index(self.name, index, len(self))
+        g = int(self._kept[index])
+        rid = self._id_ds[g]["ranking_id"] if self._id_ds is not None else None
+        return self._make_row_id(g, rid)
+
+    def load(self, index: int) -> PreferenceGroup:
+        _check_index(self.name, index, len(self))
+        g = int(self._kept[index])
+        row = self._load_ds[g]
+        rid = self.row_id(index)
+        l0, l1 = (float(x) for x in self._labels[index])
+        order = [1, 0] if l0 == 0.0 else [0, 1]
+        images = [decode_image(_image_payload(row[f"jpg_{i}"], rid, self.name), row_id=rid, source=self.name) for i in order]
+        captions = [row[f"caption_{i}"] for i in order] if self._caption_pair else None
+        models = None
+        if self._models and row["model_0"] is not None and row["model_1"] is not None:
+            models = [str(row[f"model_{i}"]) for i in order]
+        labels = [l0, l1]
+        return PreferenceGroup(
+            row_id=rid,
+            prompt=row["caption"],
+            images=images,
+            captions=captions,
+            scores=[labels[i] for i in order],
+            models=models,
+        )
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return f"PickapicSource(name={self.name!r}, rows={len(self)}, drop_ties={self.drop_ties})"
+
+
+def _undecoded_images(ds: datasets.Dataset) -> datasets.Dataset:
+    """Make image columns yield bytes: some Hub copies type them as ``Image()``."""
+    import datasets
+
+    for col in ("jpg_0", "jpg_1"):
+        feature = ds.features.get(col)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+    return ds
+
+
+def _image_payload(value: Any, row_id: str, source: str) -> bytes | str:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        if value.get("path"):
+            return str(value["path"])
+    if value is None:
+        raise BadRowError(source, row_id, "undecodable image: image cell is empty (null)")
+    raise BadRowError(source, row_id, f"undecodable image: unexpected cell type {type(value).__name__}")
+
+
+# -- locating Pick-a-Pic data ---------------------------------------------------
+
+
+def _split_labels(rel: Path) -> set[str]:
+    """Names that may mark a parquet file's split: its folders, its stem, its stem before '-'."""
+    stem = rel.name[: -len(".parquet")]
+    return {*rel.parts[:-1], stem, stem.split("-", 1)[0]}
+
+
+def select_split_files(root: Path, split: str) -> list[Path]:
+    """Parquet files under ``root`` (recursive) that belong to ``split``.
+
+    A file belongs to a split when the split's name is one of its folders
+    (``train/x.parquet``), its stem, or its stem's prefix before ``-``
+    (``train-00000-of-00010.parquet``, the Hub's layout). When no file names
+    the split and no file names any split, all files are one unnamed split.
+    """
+    files = sorted(p for p in root.rglob("*.parquet") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{root}: directory contains no .parquet files (searched recursively)")
+    rels = [p.relative_to(root) for p in files]
+    chosen = [f for f, r in zip(files, rels) if split in _split_labels(r)]
+    if chosen:
+        return chosen
+    found = sorted({lab for r in rels for lab in _split_labels(r) if _KNOWN_SPLIT.match(lab)})
+    if found:
+        raise FileNotFoundError(
+            f"{root}: no parquet files for split {split!r}; splits found: {found}"
+        )
+    return files
+
+
+def _check_columns(columns: set[str], where: str) -> None:
+    """A missing required column is a bad dataset, not a bad row: fail now, naming both."""
+    missing = [c for c in PICKAPIC_REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{where}: not Pick-a-Pic data: missing required column {missing[0]!r}"
+            f" (missing: {missing}; columns present: {sorted(columns)})"
+        )
+
+
+def _check_parquet_schemas(files: Sequence[Path]) -> None:
+    import pyarrow.parquet as pq
+
+    for f in files:
+        _check_columns(set(pq.read_schema(f).names), str(f))
+
+
+def _open_parquet(
+    files: list[Path], root: Path, cache_dir: str | None
+) -> tuple[datasets.Dataset, _Origin]:
+    import datasets
+    import pyarrow.parquet as pq
+
+    _check_parquet_schemas(files)
+    rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    ds = datasets.load_dataset(
+        "parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
+    )
+    if len(ds) != sum(rows):
+        raise RuntimeError(
+            f"{root}: datasets loaded {len(ds)} rows but the parquet footers say {sum(rows)}"
+        )
+    labels = [f.name if f == root else str(f.relative_to(root)) for f in files]
+    offsets = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+    return ds, _Origin(
+        label=labels[0] if len(labels) == 1 else root.name,
+        file_labels=labels,
+        file_offsets=offsets,
+        fingerprint_items=[_stat_entry(f) for f in files],
+    )
+
+
+def _pick_split(obj: Any, split: str, where: str) -> datasets.Dataset:
+    import datasets
+
+    if isinstance(obj, datasets.DatasetDict):
+        if split not in obj:
+            raise KeyError(f"{where}: no split {split!r}; splits present: {sorted(obj)}")
+        return obj[split]
+    if isinstance(obj, datasets.Dataset):
+        return obj
+    raise TypeError(f"{where}: expected a datasets Dataset or DatasetDict, got {type(obj).__name__}")
+
+
+def _is_save_to_disk(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
+def _open_pickapic(
+    path: str, split: str, drop_ties: bool, max_rows: int | None, report: SkipReport,
+    cache_dir: str | None, options: dict[str, Any],
+) -> PickapicSource:
+    import datasets
+
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix != ".parquet":
+            raise ValueError(f"{p}: expected a .parquet file (or a .jsonl manifest with format='jsonl')")
+        ds, origin = _open_parquet([p], p, cache_dir)
+        name = p.name
+    elif p.is_dir():
+        if _is_save_to_disk(p):
+            ds = _pick_split(datasets.load_from_disk(str(p)), split, str(p))
+            _check_columns(set(ds.column_names), str(p))
+            files = sorted(q for q in p.rglob("*") if q.is_file())
+            name = p.name
+            label = p.name if (p / "state.json").is_file() else f"{p.name}/{split}"
+            origin = _Origin(label, [], np.zeros(0, np.int64), [_stat_entry(q) for q in files])
+        else:
+            files = select_split_files(p, split)
+            ds, origin = _open_parquet(files, p, cache_dir)
+            name = p.name if len(files) > 1 else files[0].name
+    elif _HUB_ID.match(path) and not p.exists():
+        try:
+            ds = _pick_split(datasets.load_dataset(path, split=split, cache_dir=cache_dir), split, path)
+        except Exception as exc:
+            raise FileNotFoundError(
+                f"{path!r}: no such local file or directory, and loading it as a Hub dataset "
+                f"(split {split!r}) failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        _check_columns(set(ds.column_names), f"{path} (Hub, split {split!r})")
+        name = f"{path}[{split}]"
+        items = [[c["filename"], *(_stat_entry(Path(c["filename"]))[1:])] for c in ds.cache_files]
+        origin = _Origin(name, [], np.zeros(0, np.int64), [path, split, ds.info.version, items])
+    else:
+        raise FileNotFoundError(
+            f"{path}: no such file or directory; expected a .parquet file, a directory of "
+            "parquet files, a datasets.save_to_disk folder, a .jsonl manifest, or a Hub id 'owner/name'"
+        )
+    return PickapicSource(
+        ds, origin, name=name, drop_ties=drop_ties, max_rows=max_rows, report=report, options=options
+    )
