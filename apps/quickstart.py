@@ -29,7 +29,7 @@ def accuracy_by_kind(scores, heldout_parquet: Path) -> dict[str, float]:
     """Held-out accuracy overall and per loser kind (the toy world's ``loser_kind`` column)."""
     table = pq.read_table(heldout_parquet, columns=["ranking_id", "loser_kind"])
     kinds = dict(zip((str(r) for r in table.column("ranking_id").to_pylist()), table.column("loser_kind").to_pylist()))
-    row_kinds = [kinds[row_id.rsplit(":", 1)[-1]] if row_id not in kinds else kinds[row_id] for row_id in scores.row_ids]
+    row_kinds = [kinds[row_id.rsplit(":", 1)[-1]] for row_id in scores.row_ids]  # row ids are "file:ranking_id"
     result = {"overall": scores.accuracy()}
     for kind in sorted(set(row_kinds)):
         result[kind] = scores.accuracy(torch.tensor([k == kind for k in row_kinds]))
@@ -127,9 +127,8 @@ def run_quickstart(output_dir: Path, overrides: list[str] | None = None, cache_r
     result = train(config)
 
     print("[4/4] held-out implicit accuracy after training, plots and samples")
-    from diffalign.backbones import load_backbone as reload
-
-    trained = load_trained_denoiser(result.final_dir, reload(config.model, load_encoders=False).denoiser)
+    fresh_base = load_backbone(config.model, load_encoders=False).denoiser  # the saved weights are evaluated, not the in-memory ones
+    trained = load_trained_denoiser(result.final_dir, fresh_base)
     after = accuracy_by_kind(heldout_scores(backbone, trained, base_unet, heldout, config.data.resolution), world.heldout)
     curves = plot_curves(result.metrics_file, output_dir / "curves.png")
     grid = sample_grid(base, trained, toy_prompts(recipe.world), output_dir / "samples.png")

@@ -181,6 +181,7 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
         collate_fn=data.collate,
         num_workers=config.data.num_workers,
     )
+    loader = accelerator.prepare(loader)  # as in the loop: batches arrive on the device
     setup_s = time.perf_counter() - setup_start
 
     def sync() -> None:
@@ -264,22 +265,48 @@ def _child(argv_tail: list[str], result_file: Path) -> dict[str, Any]:
     return json.loads(result_file.read_text())
 
 
+def combine_repeats(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's figures over repeats: median throughput and step time, highest peak memory."""
+    if len(results) == 1:
+        return {**results[0], "repeats": 1}
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+    by_throughput = sorted(results, key=lambda r: r["pairs_per_s"])
+    combined = dict(by_throughput[len(results) // 2])  # the other fields from the median repeat
+    combined.update(
+        repeats=len(results),
+        pairs_per_s=median([r["pairs_per_s"] for r in results]),
+        s_per_step=median([r["s_per_step"] for r in results]),
+        s_per_step_median=median([r["s_per_step_median"] for r in results]),
+        peak_memory_mb=max(r["peak_memory_mb"] for r in results),
+        pairs_per_s_each=[r["pairs_per_s"] for r in results],
+        peak_memory_mb_each=[r["peak_memory_mb"] for r in results],
+        runs=results,
+    )
+    return combined
+
+
 def format_table(report: dict[str, Any]) -> str:
-    rows = [("mode", "pairs/s", "s/step", "median s/step", "peak mem (MiB)", "setup s", "vs raw")]
+    repeated = report.get("repeats", 1) > 1
+    rows = [("mode", "pairs/s", "s/step", "median s/step", "peak mem (MiB)", "vs raw") + (("pairs/s per repeat",) if repeated else ())]
     raw = report["modes"].get("raw")
     for mode, r in report["modes"].items():
         ratio = f"{r['pairs_per_s'] / raw['pairs_per_s']:.2f}x" if raw else "-"
-        rows.append(
-            (
-                mode,
-                f"{r['pairs_per_s']:.2f}",
-                f"{r['s_per_step']:.4f}",
-                f"{r['s_per_step_median']:.4f}",
-                f"{r['peak_memory_mb']:.1f}",
-                f"{r['setup_s']:.1f}",
-                ratio,
-            )
+        row = (
+            mode,
+            f"{r['pairs_per_s']:.2f}",
+            f"{r['s_per_step']:.4f}",
+            f"{r['s_per_step_median']:.4f}",
+            f"{r['peak_memory_mb']:.1f}",
+            ratio,
         )
+        if repeated:
+            row += (" ".join(f"{x:.2f}" for x in r.get("pairs_per_s_each", [r["pairs_per_s"]])),)
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -294,13 +321,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, per mode")
     parser.add_argument("--cache-dir", default=None, help="cache folder (reused when it matches); default: a temp dir")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--repeats", type=int, default=1, help="measure each mode this many times (fresh processes, A-B-B-A order)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each mode (default: torch's)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of raw,cached")
     parser.add_argument("--mode", choices=[*MODES, "cache"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
 
     if args.mode is not None:  # internal: one measurement in this (fresh) process
         if args.threads:
@@ -315,10 +343,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             Path(args.result_file).write_text(json.dumps(result))
         return result
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the temp cache and the child on kill
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes: expected a subset of {','.join(MODES)}, got {args.modes!r}")
+    try:  # on kill, still delete the temporary cache and stop the running child (subprocess.run kills it)
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    except ValueError:  # not the main thread
+        previous_handler = None
+    try:
+        report = _run_modes(args, modes)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    print(f"\n{args.config} {' '.join(args.overrides)}")
+    print(
+        f"device {report['device']}, mixed precision {report['mixed_precision']}, torch threads {report['torch_threads']}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up" + (f", median of {args.repeats} repeats" if args.repeats > 1 else "")
+    )
+    if report["cache"] and report["cache"].get("build_s") is not None:
+        print(f"cache built in {report['cache']['build_s']:.1f} s ({report['cache']['num_groups']} groups)")
+    print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return report
+
+
+def _run_modes(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
+    """Build (or reuse) the cache, then measure each mode in fresh subprocesses."""
     common = [args.config, *args.overrides, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.threads:
         common += ["--threads", str(args.threads)]
@@ -330,33 +383,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "overrides": [*args.overrides, *FORCED],
             "steps": args.steps,
             "warmup": args.warmup,
+            "repeats": args.repeats,
             "cache": None,
             "modes": {},
         }
         if "cached" in modes:
             print(f"train_step: cache in {cache_dir}", flush=True)
             report["cache"] = _child([*common, "--mode", "cache", "--cache-dir", cache_dir], scratch_path / "cache.json")
-        for mode in modes:
-            print(f"train_step: measuring {mode} ({args.warmup} warm-up + {args.steps} timed steps)", flush=True)
-            tail = [*common, "--mode", mode] + (["--cache-dir", cache_dir] if mode == "cached" else [])
-            report["modes"][mode] = _child(tail, scratch_path / f"{mode}.json")
+        runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        for repeat in range(args.repeats):
+            # A B B A ...: slow drift of other load on the machine hits both modes alike.
+            for mode in modes if repeat % 2 == 0 else modes[::-1]:
+                print(
+                    f"train_step: measuring {mode} ({args.warmup} warm-up + {args.steps} timed steps)"
+                    + (f", repeat {repeat + 1}/{args.repeats}" if args.repeats > 1 else ""),
+                    flush=True,
+                )
+                tail = [*common, "--mode", mode] + (["--cache-dir", cache_dir] if mode == "cached" else [])
+                runs[mode].append(_child(tail, scratch_path / f"{mode}-{repeat}.json"))
+        report["modes"] = {mode: combine_repeats(results) for mode, results in runs.items()}
         if args.cache_dir is None and report["cache"] is not None:
             report["cache"]["dir"] = "(temporary, deleted)"
 
     first = next(iter(report["modes"].values()))
     report["device"] = first["device"]
     report["mixed_precision"] = first["mixed_precision"]
+    report["torch_threads"] = first["torch_threads"]
     if "raw" in report["modes"] and "cached" in report["modes"]:
         report["speedup"] = report["modes"]["cached"]["pairs_per_s"] / report["modes"]["raw"]["pairs_per_s"]
-    print(f"\n{args.config} {' '.join(args.overrides)}")
-    print(f"device {report['device']}, mixed precision {report['mixed_precision']}, {args.steps} timed steps after {args.warmup} warm-up")
-    if report["cache"] and report["cache"].get("build_s") is not None:
-        print(f"cache built in {report['cache']['build_s']:.1f} s ({report['cache']['num_groups']} groups)")
-    print(format_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
     return report
 
 

@@ -200,3 +200,12 @@ def test_two_process_ddp_equals_one_process_at_the_same_global_batch(tiny_models
     assert len(b) == 1, "only the main process writes metrics"
     for key in ("loss", "policy_err_winner", "policy_err_loser", "grad_norm"):
         assert a[0][key] == pytest.approx(b[0][key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_bf16_mixed_precision_runs_on_cpu(mode, tiny_models, toy_pairs, train_args, tmp_path):
+    """bf16 autocast (CPU here, GPU in the recipes): frozen parts in bf16, trainable weights stay fp32."""
+    out = tmp_path / "run"
+    assert main([*train_args("sd15", tiny_models["sd15"], toy_pairs, out, f"train.mode={mode}"), "train.mixed_precision=bf16"]) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)

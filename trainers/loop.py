@@ -57,17 +57,31 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     """Run a training recipe to ``train.max_steps`` (resuming if asked) and save the final weights."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(config.train.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        mixed_precision=config.train.mixed_precision,
+        log_with=None if config.train.report_to == "none" else config.train.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    try:
+        return _run(config, accelerator)
+    finally:
+        # accelerate keeps process-wide singletons; release them (not the process group) so another
+        # run in this process (quickstart, tests, notebooks) may use other precision/accumulation.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+
+
+def _run(config: TrainConfig, accelerator) -> TrainResult:
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     run = config.train
     output_dir = Path(run.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=run.gradient_accumulation_steps,
-        mixed_precision=run.mixed_precision,
-        log_with=None if run.report_to == "none" else run.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
     set_seed(run.seed)
     weight_dtype = WEIGHT_DTYPES[run.mixed_precision]
     if accelerator.is_main_process:
