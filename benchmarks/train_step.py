@@ -4,6 +4,10 @@ Usage::
 
     python benchmarks/train_step.py CONFIG [key=value ...] [--steps N] [--warmup W]
                                     [--cache-dir DIR] [--json OUT] [--modes raw,cached]
+                                    [--repeats R] [--threads T]
+
+e.g. ``python benchmarks/train_step.py configs/sdxl/dpo.yaml model.path=/tmp/tiny-sdxl
+data.path=pairs.parquet data.resolution=32 train.batch_size=8 train.mode=lora --json out.json``.
 
 Two modes of the *real* training step, one recipe:
 
@@ -15,15 +19,20 @@ Two modes of the *real* training step, one recipe:
 
 ``data.random_flip`` is forced false in both (a cache holds unflipped latents), so the two
 modes train on the same tensors. Each step is timed whole: fetch a batch from the DataLoader,
-``encode_groups``, ``objective_step``, backward, gradient clipping, optimizer step -- data
+``encode_groups``, ``objective_step``, backward, gradient clipping, optimizer and LR-schedule step -- data
 loading included, since skipping decoding and encoders is the cache's point. The step is
 assembled from the library's own pieces (``load_train_config``, ``load_backbone``,
 ``build_training_data``, ``build_policy_and_reference``, ``build_optimizer``,
-``encode_groups``, ``objective_step``) in the order ``trainers/loop.py`` uses them.
+``build_lr_scheduler``, ``encode_groups``, ``objective_step``) in the order
+``trainers/loop.py`` uses them, under the same ``Accelerator`` (mixed precision, backward,
+clipping). No checkpoints, metrics or logging.
 
 Every step is one optimizer step on one micro-batch of ``train.batch_size`` groups:
 ``train.gradient_accumulation_steps`` is ignored (it would only change how often the
-optimizer runs). Pairs/s counts groups (pairs, for DPO) per second.
+optimizer runs). Pairs/s counts groups (pairs, for DPO) per second. The JSON also splits each
+step into ``data`` (DataLoader fetch), ``encode`` (``encode_groups``) and ``train`` (the rest).
+``--repeats R`` measures each mode R times in fresh processes (order raw, cached, cached,
+raw, ...) and reports medians; ``--threads T`` sets torch's CPU threads in every mode.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset at the start of each mode); on
 CPU the growth of the process's peak RSS (``ru_maxrss``) over its resident size when the mode
@@ -142,7 +151,12 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
     from diffalign.backbones import load_backbone
     from diffalign.trainers.data import build_training_data
     from diffalign.trainers.loop import WEIGHT_DTYPES
-    from diffalign.trainers.models import build_optimizer, build_policy_and_reference, enable_memory_savers
+    from diffalign.trainers.models import (
+        build_lr_scheduler,
+        build_optimizer,
+        build_policy_and_reference,
+        enable_memory_savers,
+    )
     from diffalign.trainers.objectives import objective_entry
     from diffalign.trainers.step import encode_groups, group_generators, objective_step
 
@@ -164,15 +178,17 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
     setup_start = time.perf_counter()
     objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
     backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
-    data = build_training_data(config, backbone, accelerator.is_main_process)
+    data = build_training_data(config, backbone)
     backbone.to(accelerator.device, weight_dtype)
-    policy, reference = build_policy_and_reference(backbone, run.mode, config.lora, objective.needs_reference, weight_dtype)
-    if reference is not None and hasattr(reference, "network") and run.mode == "full":
-        reference.network.to(accelerator.device)
+    policy, reference = build_policy_and_reference(
+        backbone, run.mode, config.lora, objective.needs_reference, weight_dtype, accelerator.device
+    )
     enable_memory_savers(policy, run.gradient_checkpointing, config.model.attention)
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, run, run.learning_rate)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    learning_rate = run.learning_rate * run.batch_size if run.scale_lr else run.learning_rate  # one process, no accumulation
+    optimizer = build_optimizer(trainable, run, learning_rate)
+    lr_scheduler = build_lr_scheduler(optimizer, run, 1)
+    policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
     if run.mode == "lora" and reference is not None:
         reference.network = accelerator.unwrap_model(policy)  # type: ignore[attr-defined]
     loader = DataLoader(
@@ -192,6 +208,7 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
     load_before = _loadavg()
     loader_iter = iter(loader)
     durations: list[float] = []
+    phases: list[tuple[float, float, float]] = []  # (data, encode, train) seconds of each step
     groups_per_step: list[int] = []
     losses: list[float] = []
     empty_batches = 0
@@ -199,25 +216,33 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
         sync()
         start = time.perf_counter()
         batch = next(loader_iter)
+        fetched = time.perf_counter()
         if not data.usable(batch):  # every row failed to decode: nothing to train on, as in the loop
             empty_batches += 1
             continue
-        generators = group_generators(batch["noise_seeds"])
-        drop = torch.tensor([float(torch.rand(1, generator=g)) < config.data.empty_prompt_prob for g in generators])
-        groups = encode_groups(backbone, batch, config.data.resolution, drop if drop.any() else None)
-        output = objective_step(backbone, policy, reference, objective, groups, generators, weight_dtype)
-        accelerator.backward(output.loss)
-        accelerator.clip_grad_norm_(trainable, run.max_grad_norm or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with accelerator.accumulate(policy):  # the loop's step, verbatim (one micro-batch per optimizer step)
+            generators = group_generators(batch["noise_seeds"])
+            drop = torch.tensor([float(torch.rand(1, generator=g)) < config.data.empty_prompt_prob for g in generators])
+            groups = encode_groups(backbone, batch, config.data.resolution, drop if drop.any() else None)
+            sync()  # phase boundary (CUDA only; a no-op on CPU)
+            encoded = time.perf_counter()
+            output = objective_step(backbone, policy, reference, objective, groups, generators, weight_dtype)
+            accelerator.backward(output.loss)
+            accelerator.clip_grad_norm_(trainable, run.max_grad_norm or math.inf)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         loss = float(output.loss.detach())  # a host sync on CUDA, as the loop's logging has
         sync()
-        durations.append(time.perf_counter() - start)
+        end = time.perf_counter()
+        durations.append(end - start)
+        phases.append((fetched - start, encoded - fetched, end - encoded))
         groups_per_step.append(len(batch["noise_seeds"]))
         losses.append(loss)
 
     timed, timed_groups = durations[warmup:], groups_per_step[warmup:]
     total = sum(timed)
+    timed_phases = phases[warmup:]
     result: dict[str, Any] = {
         "mode": mode,
         "device": device,
@@ -229,6 +254,12 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
         "s_per_step": total / steps,
         "s_per_step_median": sorted(timed)[len(timed) // 2],
         "s_per_step_min": min(timed),
+        # Mean seconds per step in each phase: DataLoader fetch (decode/resize or cache read + collate),
+        # encode_groups (VAE + text encoders, or a pass-through of cached tensors), and the rest
+        # (noise, policy/reference forward, loss, backward, clipping, optimizer).
+        "phase_s": {
+            name: sum(p[i] for p in timed_phases) / steps for i, name in enumerate(("data", "encode", "train"))
+        },
         "pairs_per_s": sum(timed_groups) / total,
         "setup_s": setup_s,
         "encoders_loaded": bool(backbone.has_encoders),
@@ -282,6 +313,7 @@ def combine_repeats(results: list[dict[str, Any]]) -> dict[str, Any]:
         pairs_per_s=median([r["pairs_per_s"] for r in results]),
         s_per_step=median([r["s_per_step"] for r in results]),
         s_per_step_median=median([r["s_per_step_median"] for r in results]),
+        phase_s={name: median([r["phase_s"][name] for r in results]) for name in results[0]["phase_s"]},
         peak_memory_mb=max(r["peak_memory_mb"] for r in results),
         pairs_per_s_each=[r["pairs_per_s"] for r in results],
         peak_memory_mb_each=[r["peak_memory_mb"] for r in results],
@@ -292,7 +324,10 @@ def combine_repeats(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     repeated = report.get("repeats", 1) > 1
-    rows = [("mode", "pairs/s", "s/step", "median s/step", "peak mem (MiB)", "vs raw") + (("pairs/s per repeat",) if repeated else ())]
+    rows = [
+        ("mode", "pairs/s", "s/step", "median s/step", "data+encode s/step", "peak mem (MiB)", "vs raw")
+        + (("pairs/s per repeat",) if repeated else ())
+    ]
     raw = report["modes"].get("raw")
     for mode, r in report["modes"].items():
         ratio = f"{r['pairs_per_s'] / raw['pairs_per_s']:.2f}x" if raw else "-"
@@ -301,6 +336,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['pairs_per_s']:.2f}",
             f"{r['s_per_step']:.4f}",
             f"{r['s_per_step_median']:.4f}",
+            f"{r['phase_s']['data']:.4f}+{r['phase_s']['encode']:.4f}",
             f"{r['peak_memory_mb']:.1f}",
             ratio,
         )

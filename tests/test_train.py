@@ -68,6 +68,16 @@ def test_saved_lora_loads_into_stock_pipeline_and_changes_output(family, tiny_mo
     assert (after - before).abs().max() > 1e-6, "the trained LoRA must change the stock pipeline's output (generation is deterministic)"
     assert torch.equal(unloaded, before), "the change is the LoRA's: unloading it restores the base output"
 
+    from diffalign.backbones import load_backbone
+    from diffalign.config import ModelConfig
+    from diffalign.trainers.export import load_trained_denoiser
+
+    model = ModelConfig(path=str(tiny_models[family]))
+    base, trained = load_backbone(model, load_encoders=False).denoiser, load_backbone(model, load_encoders=False).denoiser
+    trained = load_trained_denoiser(out / "final", trained)
+    assert sum(p.numel() for n, p in trained.named_parameters() if "lora" in n) > 0
+    assert sum(p.numel() for n, p in base.named_parameters() if "lora" in n) == 0
+
 
 def test_full_fine_tune_saves_a_loadable_changed_unet(tiny_models, toy_pairs, train_args, tmp_path):
     from diffusers import UNet2DConditionModel

@@ -63,7 +63,7 @@ class TrainingData:
         return bool(batch["row_ids"])
 
 
-def build_training_data(config: TrainConfig, backbone: Backbone, is_main_process: bool = True) -> TrainingData:
+def build_training_data(config: TrainConfig, backbone: Backbone) -> TrainingData:
     """Open the configured data; with ``data.cache_dir`` the cache must match the model and data."""
     report = SkipReport()
     if config.data.cache_dir is not None:

@@ -56,5 +56,9 @@ def load_trained_denoiser(final: str | Path, base_denoiser: nn.Module) -> nn.Mod
     if record["mode"] == "full":
         subfolder = "transformer" if record["family"] == "sd3" else "unet"
         return type(base_denoiser).from_pretrained(str(final / subfolder))
-    base_denoiser.load_lora_adapter(str(final), prefix="transformer" if record["family"] == "sd3" else "unet")
+    base_denoiser.load_lora_adapter(
+        str(final),
+        prefix="transformer" if record["family"] == "sd3" else "unet",
+        weight_name="pytorch_lora_weights.safetensors",
+    )
     return base_denoiser

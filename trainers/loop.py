@@ -91,13 +91,11 @@ def _run(config: TrainConfig, accelerator) -> TrainResult:
     # --- setup: method, model, data, optimisation ---------------------------------------------
     objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
     backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
-    data: TrainingData = build_training_data(config, backbone, accelerator.is_main_process)
+    data: TrainingData = build_training_data(config, backbone)
     backbone.to(accelerator.device, weight_dtype)
     policy, reference = build_policy_and_reference(
-        backbone, run.mode, config.lora, objective.needs_reference, weight_dtype
+        backbone, run.mode, config.lora, objective.needs_reference, weight_dtype, accelerator.device
     )
-    if reference is not None and hasattr(reference, "network") and run.mode == "full":
-        reference.network.to(accelerator.device)
     enable_memory_savers(policy, run.gradient_checkpointing, config.model.attention)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     processes = accelerator.num_processes

@@ -93,15 +93,20 @@ def add_lora(network: nn.Module, family: str, section: LoraSection) -> None:
 
 
 def build_policy_and_reference(
-    backbone: Backbone, mode: str, lora: LoraSection, needs_reference: bool, weight_dtype: torch.dtype
+    backbone: Backbone,
+    mode: str,
+    lora: LoraSection,
+    needs_reference: bool,
+    weight_dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, Reference | None]:
-    """Make the trainable policy and, if the method needs one, its reference."""
+    """Make the trainable policy and, if the method needs one, its reference (on ``device``)."""
     network = backbone.denoiser
     if mode == "lora":
         network.to(dtype=weight_dtype)
         add_lora(network, backbone.family, lora)
         return network, (AdaptersDisabledReference(network) if needs_reference else None)
-    reference = FrozenCopyReference(copy.deepcopy(network).to(dtype=weight_dtype)) if needs_reference else None
+    reference = FrozenCopyReference(copy.deepcopy(network).to(device, weight_dtype)) if needs_reference else None
     network.requires_grad_(True)
     network.train()
     return network, reference
@@ -109,14 +114,6 @@ def build_policy_and_reference(
 
 def build_optimizer(parameters: list[nn.Parameter], section: TrainSection, learning_rate: float) -> torch.optim.Optimizer:
     """AdamW, Adafactor (the official SDXL DPO choice) or 8-bit AdamW (bitsandbytes)."""
-    if section.optimizer == "adamw":
-        return torch.optim.AdamW(
-            parameters,
-            lr=learning_rate,
-            betas=(section.adam_beta1, section.adam_beta2),
-            eps=section.adam_epsilon,
-            weight_decay=section.weight_decay,
-        )
     if section.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -129,17 +126,19 @@ def build_optimizer(parameters: list[nn.Parameter], section: TrainSection, learn
             relative_step=False,
             warmup_init=False,
         )
+    adam = {
+        "lr": learning_rate,
+        "betas": (section.adam_beta1, section.adam_beta2),
+        "eps": section.adam_epsilon,
+        "weight_decay": section.weight_decay,
+    }
+    if section.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, **adam)
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise ImportError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'") from None
-    return bnb.optim.AdamW8bit(
-        parameters,
-        lr=learning_rate,
-        betas=(section.adam_beta1, section.adam_beta2),
-        eps=section.adam_epsilon,
-        weight_decay=section.weight_decay,
-    )
+    return bnb.optim.AdamW8bit(parameters, **adam)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, section: TrainSection, num_processes: int):
