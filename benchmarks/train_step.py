@@ -158,7 +158,7 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
         enable_memory_savers,
     )
     from diffalign.trainers.objectives import objective_entry
-    from diffalign.trainers.step import encode_groups, group_generators, objective_step
+    from diffalign.trainers.step import objective_step, prepare_groups
 
     _preimport()
     device = _device()
@@ -221,9 +221,7 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
             empty_batches += 1
             continue
         with accelerator.accumulate(policy):  # the loop's step, verbatim (one micro-batch per optimizer step)
-            generators = group_generators(batch["noise_seeds"])
-            drop = torch.tensor([float(torch.rand(1, generator=g)) < config.data.empty_prompt_prob for g in generators])
-            groups = encode_groups(backbone, batch, config.data.resolution, drop if drop.any() else None)
+            groups, generators = prepare_groups(backbone, batch, config.data.resolution, config.data.empty_prompt_prob)
             sync()  # phase boundary (CUDA only; a no-op on CPU)
             encoded = time.perf_counter()
             output = objective_step(backbone, policy, reference, objective, groups, generators, weight_dtype)
@@ -355,7 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, as for `diffalign train`")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, per mode")
-    parser.add_argument("--cache-dir", default=None, help="cache folder (reused when it matches); default: a temp dir")
+    parser.add_argument(
+        "--cache-dir", default=None, help="cache folder: reused when it matches the recipe, else (re)built there; default: a temp dir"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--repeats", type=int, default=1, help="measure each mode this many times (fresh processes, A-B-B-A order)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each mode (default: torch's)")
@@ -382,6 +382,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes: expected a subset of {','.join(MODES)}, got {args.modes!r}")
+    if args.cache_dir is not None:
+        folder = Path(args.cache_dir)
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / "manifest.json").is_file():
+            parser.error(f"--cache-dir {folder} is a non-empty folder that holds no cache; building would replace it")
     try:  # on kill, still delete the temporary cache and stop the running child (subprocess.run kills it)
         previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     except ValueError:  # not the main thread

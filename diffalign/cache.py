@@ -102,6 +102,9 @@ def build_cache(
     from tqdm.auto import tqdm
 
     cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not (cache_dir / MANIFEST).is_file() and any(cache_dir.iterdir()):
+        # A rebuilt cache replaces the folder: never delete something that is not a cache.
+        raise ConfigError(f"data.cache_dir={cache_dir} exists and is not a diffalign cache (no {MANIFEST}); choose another folder")
     report = SkipReport()
     source = open_source(data, report)
     key = cache_key(model, data, source.fingerprint())

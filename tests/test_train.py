@@ -61,6 +61,14 @@ def test_saved_lora_loads_into_stock_pipeline_and_changes_output(family, tiny_mo
     pipeline = _stock_pipeline(family, tiny_models[family])
     before = _generate(pipeline)
     pipeline.load_lora_weights(str(out / "final"))
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "final" / "pytorch_lora_weights.safetensors")
+    denoiser = pipeline.transformer if family == "sd3" else pipeline.unet
+    loaded = {n.replace(".default_0.", "."): p for n, p in denoiser.named_parameters() if ".lora_" in n}
+    prefix = "transformer." if family == "sd3" else "unet."
+    assert saved and {k.removeprefix(prefix) for k in saved} == set(loaded), "every saved adapter is loaded"
+    assert all(torch.equal(loaded[k.removeprefix(prefix)], v) for k, v in saved.items()), "with the saved values"
     after = _generate(pipeline)
     pipeline.unload_lora_weights()
     unloaded = _generate(pipeline)
@@ -219,3 +227,13 @@ def test_bf16_mixed_precision_runs_on_cpu(mode, tiny_models, toy_pairs, train_ar
     assert main([*train_args("sd15", tiny_models["sd15"], toy_pairs, out, f"train.mode={mode}"), "train.mixed_precision=bf16"]) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_cache_never_replaces_a_folder_that_is_not_a_cache(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("not a cache")
+    args = train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path / "run", "data.random_flip=false", f"data.cache_dir={precious}")
+    assert main(["cache", *args[1:]]) == 2
+    assert "not a diffalign cache" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "not a cache"

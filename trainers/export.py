@@ -32,11 +32,12 @@ def save_final(network: nn.Module, backbone: Backbone, output_dir: str | Path, m
     staging = output_dir / ".final.tmp"
     staging.mkdir(parents=True, exist_ok=True)
     if mode == "lora":
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         pipeline_class = getattr(diffusers, backbone.pipeline_class_name)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(network))
+        # PEFT key names as they are: every family's loader reads them. (diffusers' old-style
+        # renaming turns to_q/k/v into `lora.down/up`, which the SD3 loader then silently skips.)
+        layers = get_peft_model_state_dict(network)
         kwargs: dict[str, Any] = {backbone.lora_layers_argument: layers, "safe_serialization": True}
         metadata_argument = backbone.lora_layers_argument.replace("_layers", "_adapter_metadata")
         if metadata_argument in inspect.signature(pipeline_class.save_lora_weights).parameters:

@@ -36,7 +36,7 @@ from .models import (
     enable_memory_savers,
 )
 from .objectives import objective_entry
-from .step import encode_groups, group_generators, objective_step
+from .step import objective_step, prepare_groups
 
 logger = logging.getLogger("diffalign.train")
 
@@ -147,9 +147,7 @@ def _run(config: TrainConfig, accelerator) -> TrainResult:
         if not data.usable(batch):  # every row of this batch failed to decode: reported, nothing to train on
             continue
         with accelerator.accumulate(policy):
-            generators = group_generators(batch["noise_seeds"])
-            drop = torch.tensor([float(torch.rand(1, generator=g)) < config.data.empty_prompt_prob for g in generators])
-            groups = encode_groups(backbone, batch, config.data.resolution, drop if drop.any() else None)
+            groups, generators = prepare_groups(backbone, batch, config.data.resolution, config.data.empty_prompt_prob)
             output = objective_step(backbone, policy, reference, objective, groups, generators, weight_dtype)
             accelerator.backward(output.loss)
             grad_norm = None

@@ -131,6 +131,16 @@ def draw_noise(groups: EncodedGroups, backbone: Backbone, generators: list[torch
     return eps.to(groups.latents.device, groups.latents.dtype), timesteps
 
 
+def prepare_groups(
+    backbone: Backbone, batch: dict, resolution: int, empty_prompt_prob: float
+) -> tuple[EncodedGroups, list[torch.Generator]]:
+    """Everything before the forward: each group's generator, its empty-prompt dropout, the encoding."""
+    generators = group_generators(batch["noise_seeds"])
+    drop = torch.tensor([float(torch.rand(1, generator=g)) < empty_prompt_prob for g in generators])
+    groups = encode_groups(backbone, batch, resolution, drop if drop.any() else None)
+    return groups, generators
+
+
 def objective_step(
     backbone: Backbone,
     policy: nn.Module,
