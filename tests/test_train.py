@@ -129,7 +129,7 @@ def test_gradient_accumulation_1x4_equals_4x1(tiny_models, toy_pairs, train_args
     assert a["implicit_acc"] == b["implicit_acc"]
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
 def test_training_from_cache_matches_and_never_loads_encoders(family, tiny_models, toy_pairs, train_args, tmp_path, monkeypatch):
     import diffusers
     import transformers
