@@ -148,16 +148,7 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from diffalign.backbones import load_backbone
-    from diffalign.trainers.data import build_training_data
-    from diffalign.trainers.loop import WEIGHT_DTYPES
-    from diffalign.trainers.models import (
-        build_lr_scheduler,
-        build_optimizer,
-        build_policy_and_reference,
-        enable_memory_savers,
-    )
-    from diffalign.trainers.objectives import objective_entry
+    from diffalign.trainers.loop import setup_training
     from diffalign.trainers.step import objective_step, prepare_groups
 
     _preimport()
@@ -171,26 +162,15 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
     run = config.train
     if not cuda:
         run.mixed_precision = "no"  # CPU: fp32 (fp16 autocast is CUDA-only; bf16 on CPU is not what a GPU run measures)
+    run.gradient_accumulation_steps = 1  # one micro-batch per optimizer step, as the table reports
     accelerator = Accelerator(mixed_precision=run.mixed_precision, gradient_accumulation_steps=1)
     set_seed(run.seed)
-    weight_dtype = WEIGHT_DTYPES[run.mixed_precision]
 
     setup_start = time.perf_counter()
-    objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
-    backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
-    data = build_training_data(config, backbone)
-    backbone.to(accelerator.device, weight_dtype)
-    policy, reference = build_policy_and_reference(
-        backbone, run.mode, config.lora, objective.needs_reference, weight_dtype, accelerator.device
-    )
-    enable_memory_savers(policy, run.gradient_checkpointing, config.model.attention)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    learning_rate = run.learning_rate * run.batch_size if run.scale_lr else run.learning_rate  # one process, no accumulation
-    optimizer = build_optimizer(trainable, run, learning_rate)
-    lr_scheduler = build_lr_scheduler(optimizer, run, 1)
-    policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
-    if run.mode == "lora" and reference is not None:
-        reference.network = accelerator.unwrap_model(policy)  # type: ignore[attr-defined]
+    setup = setup_training(config, accelerator)  # the loop's own set-up
+    objective, backbone, data, reference = setup.objective, setup.backbone, setup.data, setup.reference
+    policy, optimizer, lr_scheduler, trainable = setup.policy, setup.optimizer, setup.lr_scheduler, setup.trainable
+    weight_dtype = setup.weight_dtype
     loader = DataLoader(
         data.dataset,
         batch_sampler=data.batch_sampler(run.batch_size, run.seed, start_batch=0),

@@ -18,6 +18,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -76,6 +77,49 @@ def train(config: TrainConfig) -> TrainResult:
         GradientState._reset_state()
 
 
+@dataclass
+class TrainingSetup:
+    """Everything a run builds before its first step (shared with benchmarks/train_step.py)."""
+
+    objective: Any
+    backbone: Any
+    data: TrainingData
+    policy: Any
+    reference: Any
+    optimizer: Any
+    lr_scheduler: Any
+    trainable: list
+    weight_dtype: torch.dtype
+    learning_rate: float
+    effective_batch: int
+
+
+def setup_training(config: TrainConfig, accelerator) -> TrainingSetup:
+    """Method, model, data and optimisation, prepared by accelerate; the reference stays unwrapped."""
+    run = config.train
+    weight_dtype = WEIGHT_DTYPES[run.mixed_precision]
+    objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
+    backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
+    data = build_training_data(config, backbone)
+    backbone.to(accelerator.device, weight_dtype)
+    policy, reference = build_policy_and_reference(
+        backbone, run.mode, config.lora, objective.needs_reference, weight_dtype, accelerator.device
+    )
+    enable_memory_savers(policy, run.gradient_checkpointing, config.model.attention)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    effective_batch = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
+    learning_rate = run.learning_rate * effective_batch if run.scale_lr else run.learning_rate
+    optimizer = build_optimizer(trainable, run, learning_rate)
+    lr_scheduler = build_lr_scheduler(optimizer, run, accelerator.num_processes)
+    register_denoiser_hooks(accelerator, lora=run.mode == "lora")
+    policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
+    if run.mode == "lora" and reference is not None:
+        reference.network = accelerator.unwrap_model(policy)  # type: ignore[attr-defined]
+    return TrainingSetup(
+        objective, backbone, data, policy, reference, optimizer, lr_scheduler, trainable, weight_dtype, learning_rate, effective_batch
+    )
+
+
 def _run(config: TrainConfig, accelerator) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -83,30 +127,16 @@ def _run(config: TrainConfig, accelerator) -> TrainResult:
     run = config.train
     output_dir = Path(run.output_dir)
     set_seed(run.seed)
-    weight_dtype = WEIGHT_DTYPES[run.mixed_precision]
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config.to_yaml())
 
     # --- setup: method, model, data, optimisation ---------------------------------------------
-    objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
-    backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
-    data: TrainingData = build_training_data(config, backbone)
-    backbone.to(accelerator.device, weight_dtype)
-    policy, reference = build_policy_and_reference(
-        backbone, run.mode, config.lora, objective.needs_reference, weight_dtype, accelerator.device
-    )
-    enable_memory_savers(policy, run.gradient_checkpointing, config.model.attention)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
+    setup = setup_training(config, accelerator)
+    objective, backbone, data, reference = setup.objective, setup.backbone, setup.data, setup.reference
+    policy, optimizer, lr_scheduler, trainable = setup.policy, setup.optimizer, setup.lr_scheduler, setup.trainable
+    weight_dtype, learning_rate, effective_batch = setup.weight_dtype, setup.learning_rate, setup.effective_batch
     processes = accelerator.num_processes
-    effective_batch = run.batch_size * run.gradient_accumulation_steps * processes
-    learning_rate = run.learning_rate * effective_batch if run.scale_lr else run.learning_rate
-    optimizer = build_optimizer(trainable, run, learning_rate)
-    lr_scheduler = build_lr_scheduler(optimizer, run, processes)
-    register_denoiser_hooks(accelerator, lora=run.mode == "lora")
-    policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
-    if run.mode == "lora" and reference is not None:
-        reference.network = accelerator.unwrap_model(policy)  # type: ignore[attr-defined]
 
     step = micro_step = 0  # micro_step counts batches drawn by this process (empty ones included)
     checkpoint = resolve_resume(run.resume_from, output_dir)
