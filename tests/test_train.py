@@ -237,3 +237,22 @@ def test_cache_never_replaces_a_folder_that_is_not_a_cache(tiny_models, toy_pair
     assert main(["cache", *args[1:]]) == 2
     assert "not a diffalign cache" in capsys.readouterr().err
     assert (precious / "notes.txt").read_text() == "not a cache"
+
+
+def test_bad_rows_are_skipped_and_summarised_at_the_end_of_a_run(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    """A corrupt image, a tie and a bad label in the training data: the run goes on and says what it skipped."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(toy_pairs).to_pylist()[:16]
+    table[1]["jpg_0"] = b"not a jpeg"
+    table[2]["label_0"], table[2]["label_1"] = 0.5, 0.5
+    table[3]["label_0"], table[3]["label_1"] = 0.7, 0.3
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pq.read_table(toy_pairs).schema.empty_table().from_pylist(table, schema=pq.read_table(toy_pairs).schema), bad)
+    out = tmp_path / "run"
+    assert main(train_args("sd15", tiny_models["sd15"], bad, out, "train.max_steps=8", "train.batch_size=2")) == 0
+    printed = capsys.readouterr().out
+    counts = json.loads((out / "skipped_rows.json").read_text())
+    assert counts["tie"] == 1 and counts["label out of {0, 0.5, 1}"] == 1 and counts["undecodable image"] >= 1
+    assert "skipped" in printed and "undecodable image" in printed and "tie" in printed
+    assert len(read_metrics(out / "metrics.jsonl")) == 8

@@ -1,0 +1,118 @@
+"""The scorer interface and the registry every reward model is loaded through.
+
+A scorer maps (images, prompts) to one float per image. Scorers are built by a
+*loader* registered under a name; ``load_scorer`` looks the name up and raises
+``KeyError`` listing the valid names on a typo (nothing falls back silently).
+
+Loaders receive ``weights`` (a hub id or a local folder, or None for the
+reference default), ``device``, ``dtype`` and loader-specific options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = [
+    "Scorer",
+    "ScorerLoader",
+    "register_scorer",
+    "load_scorer",
+    "available_scorers",
+    "resolve_dtype",
+    "batch_slices",
+    "check_inputs",
+]
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A reward model: ``score(images, prompts) -> [N]`` float32 tensor on CPU.
+
+    Implementations batch internally (``batch_size`` images per forward; None
+    means the batch size chosen at load), run under ``torch.no_grad`` on the
+    device and in the dtype chosen at load.
+    """
+
+    name: str
+
+    def score(
+        self, images: list[Image.Image], prompts: list[str], batch_size: int | None = None
+    ) -> torch.Tensor: ...
+
+
+ScorerLoader = Callable[..., Scorer]
+"""``loader(weights: str | None, device, dtype: torch.dtype, **options) -> Scorer``."""
+
+_REGISTRY: dict[str, ScorerLoader] = {}
+
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def register_scorer(name: str, loader: ScorerLoader, *, overwrite: bool = False) -> None:
+    """Register ``loader`` under ``name``; re-registering a taken name needs ``overwrite=True``."""
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"scorer {name!r} is already registered (pass overwrite=True to replace it)")
+    _REGISTRY[name] = loader
+
+
+def available_scorers() -> list[str]:
+    """Registered scorer names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` / ``"fp32"``, ``torch.bfloat16`` / ``"bf16"``, ``torch.float16`` / ``"fp16"``."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"unsupported scorer dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(_DTYPES)}") from None
+
+
+def load_scorer(
+    name: str,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    **options: object,
+) -> Scorer:
+    """Build the scorer registered as ``name``.
+
+    ``weights``: hub id or local folder (None: the reference default for that
+    scorer). Unknown names raise ``KeyError`` listing the registered ones.
+    """
+    try:
+        loader = _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown scorer {name!r}; available scorers: {', '.join(available_scorers())}") from None
+    return loader(weights=weights, device=torch.device(device), dtype=resolve_dtype(dtype), **options)
+
+
+def check_inputs(images: Sequence[object], prompts: Sequence[str]) -> None:
+    """One prompt per image."""
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+
+
+def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` of at most ``batch_size`` items."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
