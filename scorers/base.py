@@ -21,12 +21,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Scorer",
     "ScorerLoader",
-    "register_scorer",
-    "load_scorer",
     "available_scorers",
-    "resolve_dtype",
     "batch_slices",
     "check_inputs",
+    "load_scorer",
+    "register_scorer",
+    "resolve_dtype",
 ]
 
 
@@ -42,7 +42,10 @@ class Scorer(Protocol):
     name: str
 
     def score(
-        self, images: list[Image.Image], prompts: list[str], batch_size: int | None = None
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        batch_size: int | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -61,10 +64,14 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def register_scorer(name: str, loader: ScorerLoader, *, overwrite: bool = False) -> None:
+def register_scorer(
+    name: str, loader: ScorerLoader, *, overwrite: bool = False
+) -> None:
     """Register ``loader`` under ``name``; re-registering a taken name needs ``overwrite=True``."""
     if name in _REGISTRY and not overwrite:
-        raise ValueError(f"scorer {name!r} is already registered (pass overwrite=True to replace it)")
+        raise ValueError(
+            f"scorer {name!r} is already registered (pass overwrite=True to replace it)"
+        )
     _REGISTRY[name] = loader
 
 
@@ -77,7 +84,9 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """``torch.float32`` / ``"fp32"``, ``torch.bfloat16`` / ``"bf16"``, ``torch.float16`` / ``"fp16"``."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"unsupported scorer dtype {dtype}; use float32, bfloat16 or float16")
+            raise ValueError(
+                f"unsupported scorer dtype {dtype}; use float32, bfloat16 or float16"
+            )
         return dtype
     try:
         return _DTYPES[dtype]
@@ -100,14 +109,23 @@ def load_scorer(
     try:
         loader = _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown scorer {name!r}; available scorers: {', '.join(available_scorers())}") from None
-    return loader(weights=weights, device=torch.device(device), dtype=resolve_dtype(dtype), **options)
+        raise KeyError(
+            f"unknown scorer {name!r}; available scorers: {', '.join(available_scorers())}"
+        ) from None
+    return loader(
+        weights=weights,
+        device=torch.device(device),
+        dtype=resolve_dtype(dtype),
+        **options,
+    )
 
 
 def check_inputs(images: Sequence[object], prompts: Sequence[str]) -> None:
     """One prompt per image."""
     if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+        raise ValueError(
+            f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image"
+        )
 
 
 def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
