@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +36,7 @@ from diffalign.data import (
     open_preference_source,
 )
 from diffalign.data.dataset import Key
+from diffalign.atomic import staged_folder
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -111,36 +109,34 @@ def build_cache(
     dataset = PreferenceDataset(source, GroupTransform(data.resolution, data.center_crop, random_flip=False), seed)
     sampler = EpochBatchSampler(len(source), batch_size, seed, shuffle=False, drop_last=False, num_epochs=1)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_groups, num_workers=data.num_workers)
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
-    texts: dict[str, int] = {"": 0}
-    pending_texts: list[str] = [""]
-    text_shards: list[str] = []
-    group_shards: list[str] = []
-    rows: list[str] = []
-    buffer: dict[str, list[torch.Tensor]] = {}
-    group_size = None
+    with staged_folder(cache_dir) as staging:
+        texts: dict[str, int] = {"": 0}
+        pending_texts: list[str] = [""]
+        text_shards: list[str] = []
+        group_shards: list[str] = []
+        rows: list[str] = []
+        buffer: dict[str, list[torch.Tensor]] = {}
+        group_size = None
 
-    def flush_groups() -> None:
-        if buffer:
-            name = f"groups-{len(group_shards):05d}.safetensors"
-            save_file({k: torch.cat(v).contiguous() for k, v in buffer.items()}, str(staging / name))
-            group_shards.append(name)
-            buffer.clear()
+        def flush_groups() -> None:
+            if buffer:
+                name = f"groups-{len(group_shards):05d}.safetensors"
+                save_file({k: torch.cat(v).contiguous() for k, v in buffer.items()}, str(staging / name))
+                group_shards.append(name)
+                buffer.clear()
 
-    def flush_texts(force: bool = False) -> None:
-        while pending_texts and (force or len(pending_texts) >= shard_size):
-            chunk, pending_texts[:] = pending_texts[:shard_size], pending_texts[shard_size:]
-            encoded = {}
-            for start in range(0, len(chunk), batch_size):
-                part = backbone.encode_prompts(chunk[start : start + batch_size])
-                for name, value in part.items():
-                    encoded.setdefault(f"text.{name}", []).append(value.to("cpu", dtype))
-            name = f"texts-{len(text_shards):05d}.safetensors"
-            save_file({k: torch.cat(v).contiguous() for k, v in encoded.items()}, str(staging / name))
-            text_shards.append(name)
+        def flush_texts(force: bool = False) -> None:
+            while pending_texts and (force or len(pending_texts) >= shard_size):
+                chunk, pending_texts[:] = pending_texts[:shard_size], pending_texts[shard_size:]
+                encoded = {}
+                for start in range(0, len(chunk), batch_size):
+                    part = backbone.encode_prompts(chunk[start : start + batch_size])
+                    for name, value in part.items():
+                        encoded.setdefault(f"text.{name}", []).append(value.to("cpu", dtype))
+                name = f"texts-{len(text_shards):05d}.safetensors"
+                save_file({k: torch.cat(v).contiguous() for k, v in encoded.items()}, str(staging / name))
+                text_shards.append(name)
 
-    try:
         for batch in tqdm(loader, desc="cache", total=len(sampler)):
             report.record_all(source.name, batch["skipped"])
             if not batch["row_ids"]:
@@ -186,21 +182,8 @@ def build_cache(
             "skipped": report.to_dict(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _swap_into_place(staging, cache_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(report.summary())
     return cache_dir
-
-
-def _swap_into_place(staging: Path, final: Path) -> None:
-    previous = final.with_name(f".{final.name}.old")
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
-        os.replace(final, previous)
-    os.replace(staging, final)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def check_cache(cache_dir: str | Path, model: ModelConfig, data: DataConfig) -> dict[str, Any]:

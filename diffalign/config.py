@@ -132,11 +132,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(model: type[ModelT], path: str | Path | None, overrides: list[str] | None = None) -> ModelT:
-    """Load a config file with overrides into a validated ``model``."""
+def read_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[dict[str, Any], str]:
+    """A YAML recipe with ``key=value`` overrides applied, and how to name it in errors."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     source = str(path) if path is not None else "command-line overrides"
     if overrides:
         source += f" (with overrides {' '.join(overrides)})"
-    return validate_section(model, data, source)
+    return data, source

@@ -17,8 +17,6 @@ building a model never disturbs the caller's global RNG state.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 # The local CLIP tokenizer lives in diffalign.tiny_tokenizer; re-exported here.
+from diffalign.atomic import staged_folder
 from diffalign.tiny_tokenizer import (  # noqa: F401
     BOS_TOKEN,
     BOS_TOKEN_ID,
@@ -369,25 +368,7 @@ def save_pipeline(family: Family, path: str | os.PathLike, seed: int = 0, sample
     ``path``. An existing folder at ``path`` is replaced.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     pipeline = build_pipeline(family, seed=seed, sample_size=sample_size)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old: Path | None = None
-    try:
+    with staged_folder(target) as staging:
         pipeline.save_pretrained(staging)
-        if target.exists():  # a directory cannot be renamed over a non-empty one: move it aside first
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            if old is not None and not target.exists():
-                os.replace(old, target)  # put the previous model back
-                old = None
-            raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return target

@@ -27,6 +27,7 @@ __all__ = [
     "load_scorer",
     "register_scorer",
     "resolve_dtype",
+    "score_in_batches",
 ]
 
 
@@ -134,3 +135,9 @@ def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
+
+
+def score_in_batches(n: int, batch_size: int, score_chunk: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """Run ``score_chunk`` on consecutive slices and concatenate: ``[n]`` float32 on CPU."""
+    scores = [score_chunk(chunk).float().cpu() for chunk in batch_slices(n, batch_size)]
+    return torch.cat(scores) if scores else torch.zeros(0)

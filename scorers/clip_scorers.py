@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .base import batch_slices, check_inputs, register_scorer
+from .base import check_inputs, register_scorer, score_in_batches
 from .clip_preprocess import ClipPreprocessConfig, preprocess_batch
 
 if TYPE_CHECKING:
@@ -172,14 +172,12 @@ class ClipSimilarityScorer(_ClipImageEmbedder):
         """``[N]`` float32 on CPU."""
         check_inputs(images, prompts)
         logit_scale = self.model.logit_scale.detach().float()
-        scores = []
-        for chunk in batch_slices(len(images), batch_size or self.batch_size):
-            cos = (
-                self.image_embeddings(images[chunk])
-                * self.text_embeddings(prompts[chunk])
-            ).sum(-1)
-            scores.append(self.preset.rule(cos, logit_scale).cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
+
+        def score_chunk(chunk: slice) -> torch.Tensor:
+            cos = (self.image_embeddings(images[chunk]) * self.text_embeddings(prompts[chunk])).sum(-1)
+            return self.preset.rule(cos, logit_scale)
+
+        return score_in_batches(len(images), batch_size or self.batch_size, score_chunk)
 
 
 class AestheticHead(nn.Module):
@@ -233,11 +231,11 @@ class AestheticScorer(_ClipImageEmbedder):
     ) -> torch.Tensor:
         """``[N]`` float32 on CPU (the head runs in float32, as the reference does)."""
         check_inputs(images, prompts)
-        scores = [
-            self.head(self.image_embeddings(images[chunk])).squeeze(-1).cpu()
-            for chunk in batch_slices(len(images), batch_size or self.batch_size)
-        ]
-        return torch.cat(scores) if scores else torch.zeros(0)
+        return score_in_batches(
+            len(images),
+            batch_size or self.batch_size,
+            lambda chunk: self.head(self.image_embeddings(images[chunk])).squeeze(-1),
+        )
 
 
 def _no_extra(options: dict[str, Any], name: str) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import nn
 
+from diffalign.atomic import replace_folder
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 LORA_FILE = "denoiser_lora.safetensors"
@@ -85,18 +87,6 @@ def register_denoiser_hooks(accelerator: Any, lora: bool) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-def replace_folder(staging: Path, final: Path) -> None:
-    """Move a complete ``staging`` folder to ``final``; an existing ``final`` is kept until the swap is done."""
-    previous = final.with_name(f".{final.name}.old")
-    if previous.exists():
-        shutil.rmtree(previous)
-    if final.exists():
-        os.replace(final, previous)
-    os.replace(staging, final)
-    if previous.exists():
-        shutil.rmtree(previous)
 
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int | None) -> Path:

@@ -18,8 +18,7 @@ from diffalign.config import (
     DataConfig,
     ModelConfig,
     StrictModel,
-    apply_overrides,
-    read_yaml,
+    read_config,
     validate_section,
 )
 
@@ -114,9 +113,5 @@ def train_config_from_dict(data: dict[str, Any], source: str) -> TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML recipe, apply ``key=value`` overrides, validate every section."""
-    data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    source = str(path) if path is not None else "command-line overrides"
-    if overrides:
-        source += f" (with overrides {' '.join(overrides)})"
+    data, source = read_config(path, overrides)
     return train_config_from_dict(data, source)

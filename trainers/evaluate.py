@@ -19,6 +19,7 @@ from diffalign.data import EpochBatchSampler, GroupTransform, PreferenceDataset,
 from diffalign.data.sources import PreferenceSource
 
 from .models import Reference
+from .objectives.dpo import implicit_accuracy
 from .step import draw_noise, encode_groups, group_errors, group_generators
 
 
@@ -31,7 +32,7 @@ class HeldoutScores:
 
     def accuracy(self, mask: torch.Tensor | None = None) -> float:
         scores = self.scores if mask is None else self.scores[mask]
-        return float(((scores > 0).float() + 0.5 * (scores == 0).float()).mean())
+        return float(implicit_accuracy(-scores))  # score = -(margin gap), summed over draws
 
 
 @torch.no_grad()

@@ -18,19 +18,22 @@ from torch import nn
 
 from diffalign.backbones import Backbone
 
-from .checkpoint import replace_folder
+from diffalign.atomic import staged_folder
 
 RECORD_FILE = "diffalign.json"
 
 
 def save_final(network: nn.Module, backbone: Backbone, output_dir: str | Path, mode: str, record: dict[str, Any]) -> Path:
     """Write ``output_dir/final`` atomically (staging folder, then rename)."""
+    final = Path(output_dir) / "final"
+    with staged_folder(final) as staging:
+        _write_final(staging, network, backbone, mode, record)
+    return final
+
+
+def _write_final(staging: Path, network: nn.Module, backbone: Backbone, mode: str, record: dict[str, Any]) -> None:
     import diffusers
 
-    output_dir = Path(output_dir)
-    final = output_dir / "final"
-    staging = output_dir / ".final.tmp"
-    staging.mkdir(parents=True, exist_ok=True)
     if mode == "lora":
         from peft.utils import get_peft_model_state_dict
 
@@ -46,8 +49,6 @@ def save_final(network: nn.Module, backbone: Backbone, output_dir: str | Path, m
     else:
         network.save_pretrained(str(staging / backbone.denoiser_subfolder))
     (staging / RECORD_FILE).write_text(json.dumps({"mode": mode, "family": backbone.family, **record}, indent=2))
-    replace_folder(staging, final)
-    return final
 
 
 def load_trained_denoiser(final: str | Path, base_denoiser: nn.Module) -> nn.Module:

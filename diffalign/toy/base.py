@@ -19,8 +19,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.backbones import StableDiffusionBackbone
+from diffalign.atomic import staged_folder
 from diffalign.noise import DDPMProcess, per_sample_error
 from diffalign.tiny import build_pipeline
 from diffalign.toy.world import ToyWorldSpec, write_toy_world
@@ -139,17 +138,9 @@ def build_toy_base(folder: str | Path, recipe: ToyBaseRecipe, train_parquet: str
     backbone = StableDiffusionBackbone(pipeline.unet, noise, pipeline.tokenizer, pipeline.text_encoder, pipeline.vae)
     log(f"toy base: pretraining the UNet on winners ({recipe.unet_steps} steps)")
     pretrain_unet(backbone, winners, captions, recipe, generator, log)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(folder) as staging:
         pipeline.save_pretrained(staging)
         (staging / "toy_base.json").write_text(json.dumps({"fingerprint": recipe.fingerprint()}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"toy base: built in {time.perf_counter() - started:.0f} s -> {folder}")
     return folder
 

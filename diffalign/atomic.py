@@ -1,0 +1,43 @@
+"""Write folders the user keeps (models, caches, checkpoints) so they are never half-written.
+
+Everything is written into a staging folder beside the target and swapped in
+by rename; a folder already at the target is kept until the swap has happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def replace_folder(staging: str | Path, final: str | Path) -> None:
+    """Move a complete ``staging`` folder to ``final``, replacing what was there only once the move is done."""
+    staging, final = Path(staging), Path(final)
+    previous = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, previous)  # a folder cannot be renamed over a non-empty one
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if previous.exists() and not final.exists():
+            os.replace(previous, final)  # put the old one back
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``final``; on success it becomes ``final``, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield staging
+        replace_folder(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
