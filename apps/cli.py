@@ -4,7 +4,8 @@ Subcommands: train, cache, quickstart, tiny (save a tiny pipeline for offline tr
 captions (add a second, per-image caption to pairs for DCPO), score (score image folders with
 reward models), score-pairs (a scorer's preference accuracy on Pick-a-Pic-schema pairs), generate (images for a
 prompt file, optionally with trained weights), compare (win rates of two scored folders), rank
-(ranked lists from several sources and scorers, RankDPO's data).
+(ranked lists from several sources and scorers, RankDPO's data), arena (blind side-by-side human votes
+in a Gradio app), export-votes (those votes as Pick-a-Pic v2 parquet for train).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny)
 
+    from diffalign.apps.arena_cli import add_arena_parsers
     from diffalign.apps.captions_cli import add_captions_parser
     from diffalign.apps.eval_cli import add_eval_parsers
     from diffalign.apps.score_cli import add_score_parsers
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_captions_parser(commands)
     add_score_parsers(commands)
     add_eval_parsers(commands)
+    add_arena_parsers(commands)
     return parser
 
 

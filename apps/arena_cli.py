@@ -1,0 +1,113 @@
+"""``diffalign arena`` and ``diffalign export-votes``: the command-line side of the comparison arena."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from diffalign.data.report import SkipReport
+
+__all__ = ["add_arena_parsers", "build_arena", "read_auth"]
+
+AUTH_ENV = "DIFFALIGN_ARENA_AUTH"
+
+
+def build_arena(sources: list[str], database: str | Path, seed: int | None = None, bootstrap_rounds: int = 200):
+    """Sources checked and matched, the vote store opened and told the items, the scheduler restored."""
+    from diffalign.apps.arena_app import Arena
+    from diffalign.apps.arena_schedule import PairScheduler
+    from diffalign.apps.arena_sources import load_sources, match_pairs
+    from diffalign.apps.arena_store import VoteStore
+
+    report = SkipReport()
+    loaded = load_sources(sources, report)
+    if report.total:
+        print(report.summary(), file=sys.stderr)
+    items = {item.item_id: item for group in loaded.values() for item in group}
+    pairs = match_pairs(loaded)
+    store = VoteStore(database)
+    store.register_items((i.item_id, i.model, i.prompt, str(i.path)) for i in items.values())
+    database = Path(database)
+    heatmap = database.with_name(database.stem + ".heatmap.png")
+    return Arena(store, PairScheduler(pairs, seed=seed), items, heatmap, bootstrap_rounds=bootstrap_rounds)
+
+
+def read_auth(path: str | None) -> list[tuple[str, str]] | None:
+    """``user:password`` lines from a file, else from $DIFFALIGN_ARENA_AUTH (never from argv, which ps shows)."""
+    text = Path(path).read_text(encoding="utf-8") if path else os.environ.get(AUTH_ENV)
+    if not text:
+        return None
+    where = path or f"${AUTH_ENV}"
+    credentials = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, password = line.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"{where} line {number}: expected user:password")
+        credentials.append((user, password))
+    if not credentials:
+        raise ValueError(f"{where}: no user:password line")
+    return credentials
+
+
+def _arena(args: argparse.Namespace) -> int:
+    from diffalign.apps.arena_app import serve
+    from diffalign.apps.arena_sources import SourceError
+    from diffalign.apps.arena_store import StoreError
+
+    try:
+        auth = read_auth(args.auth_file)
+        arena = build_arena(args.source, args.db, seed=args.seed, bootstrap_rounds=args.bootstrap_rounds)
+    except (SourceError, StoreError, ValueError) as error:
+        print(f"diffalign arena: error: {error}", file=sys.stderr)
+        return 2
+    if not _is_loopback(args.host) and auth is None:
+        print(f"diffalign arena: warning: serving on {args.host} without --auth-file: anyone who reaches it can vote",
+              file=sys.stderr)
+    serve(arena, host=args.host, port=args.port, auth=auth, concurrency=args.concurrency)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _export(args: argparse.Namespace) -> int:
+    from diffalign.apps.export_votes import ExportFilters, export_votes
+
+    report = SkipReport()
+    counts = export_votes(args.db, args.out, ExportFilters(args.drop_both_bad, args.min_session_votes), report)
+    if report.total:
+        print(report.summary(), file=sys.stderr)
+    print(f"diffalign export-votes: wrote {counts['written']} of {counts['votes']} votes to {args.out} "
+          + ", ".join(f"{k}: {v}" for k, v in counts.items() if k not in ("written", "votes")))
+    return 0
+
+
+def add_arena_parsers(commands: argparse._SubParsersAction) -> None:
+    arena = commands.add_parser("arena", help="Gradio app for blind side-by-side votes between models' images")
+    arena.add_argument("--source", action="append", required=True, metavar="[NAME=]PATH",
+                       help="a model's images: manifest.jsonl ({image, prompt, model?} rows) or a folder with one; repeat")
+    arena.add_argument("--db", required=True, help="SQLite vote database (created if missing)")
+    arena.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    arena.add_argument("--port", type=int, default=7860)
+    arena.add_argument("--auth-file", default=None,
+                       help=f"file of user:password lines (or set ${AUTH_ENV}); none: no login")
+    arena.add_argument("--seed", type=int, default=None, help="seed of pair order and sides (default: random)")
+    arena.add_argument("--concurrency", type=int, default=16, help="requests handled at once")
+    arena.add_argument("--bootstrap-rounds", type=int, default=200, help="refits behind the leaderboard's intervals")
+    arena.set_defaults(run=_arena)
+
+    export = commands.add_parser("export-votes", help="arena votes -> Pick-a-Pic v2-schema parquet for `diffalign train`")
+    export.add_argument("db", help="the arena's SQLite vote database")
+    export.add_argument("out", help="output parquet file")
+    export.add_argument("--drop-both-bad", action="store_true", help="leave out 'both bad' votes (default: ties)")
+    export.add_argument("--min-session-votes", type=int, default=0, help="leave out sessions with fewer votes")
+    export.set_defaults(run=_export)

@@ -1,0 +1,136 @@
+"""``diffalign export-votes``: arena votes as a Pick-a-Pic v2-schema parquet that ``diffalign train`` reads.
+
+Each vote becomes one row: image 0 is the image shown on the left, image 1 the one on the
+right; ``label_0`` is 1 when the left image won, 0 when the right one did, 0.5 for a tie
+and for "both bad" (neither is preferred; training drops ties by default and counts them).
+``jpg_0``/``jpg_1`` hold the image files' bytes unchanged (PNG stays PNG: re-encoding to JPEG
+would lose what people judged; the reader decodes any format). ``user_id`` is the arena
+session, ``ranking_id`` the vote id, ``created_at`` the vote's time (UTC).
+
+A vote whose image file is gone or unreadable is reported with its vote id and skipped; the
+file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffalign.apps.arena_store import StoredVote, VoteStore
+from diffalign.atomic import staged_file
+from diffalign.data.report import SkipReport
+
+__all__ = ["ExportFilters", "export_votes"]
+
+logger = logging.getLogger("diffalign.arena")
+
+_LABEL_0 = {"left": 1.0, "right": 0.0, "tie": 0.5, "both_bad": 0.5}
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("jpg_0", pa.binary()),
+            ("jpg_1", pa.binary()),
+            ("label_0", pa.float64()),
+            ("label_1", pa.float64()),
+            ("caption", pa.string()),
+            ("model_0", pa.string()),
+            ("model_1", pa.string()),
+            ("user_id", pa.string()),
+            ("ranking_id", pa.int64()),
+            ("created_at", pa.timestamp("us", tz="UTC")),
+            ("image_0_uid", pa.string()),
+            ("image_1_uid", pa.string()),
+            ("best_image_uid", pa.string()),
+            ("has_label", pa.bool_()),
+            ("are_different", pa.bool_()),
+            ("choice", pa.string()),
+        ]
+    )
+
+
+
+@dataclass(frozen=True)
+class ExportFilters:
+    """What to leave out: "both bad" votes, and sessions with fewer than ``min_session_votes`` votes."""
+
+    drop_both_bad: bool = False
+    min_session_votes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_session_votes < 0:
+            raise ValueError(f"min_session_votes must be >= 0, got {self.min_session_votes}")
+
+
+def export_votes(
+    database: str | Path, out: str | Path, filters: ExportFilters = ExportFilters(), report: SkipReport | None = None
+) -> dict[str, int]:
+    """Write the votes of ``database`` to the parquet file ``out``; returns counts of what was written and left out."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    database = Path(database)
+    if not database.is_file():
+        raise FileNotFoundError(f"{database}: no such vote database")
+    report = report or SkipReport()
+    store = VoteStore(database)
+    try:
+        votes = store.votes()
+    finally:
+        store.close()
+    per_session = Counter(vote.session_id for vote in votes)
+    counts = Counter(votes=len(votes))
+    rows = []
+    for vote in votes:
+        if filters.drop_both_bad and vote.choice == "both_bad":
+            counts["dropped both bad"] += 1
+            continue
+        if per_session[vote.session_id] < filters.min_session_votes:
+            counts["dropped short session"] += 1
+            continue
+        images = _read_images(vote, report, str(database))
+        if images is None:
+            counts["skipped unreadable image"] += 1
+            continue
+        label_0 = _LABEL_0[vote.choice]
+        best = vote.left_item if label_0 == 1.0 else vote.right_item if label_0 == 0.0 else None
+        rows.append(
+            {
+                "jpg_0": images[0],
+                "jpg_1": images[1],
+                "label_0": label_0,
+                "label_1": 1.0 - label_0,
+                "caption": vote.prompt,
+                "model_0": vote.left_model,
+                "model_1": vote.right_model,
+                "user_id": vote.session_id,
+                "ranking_id": vote.vote_id,
+                "created_at": datetime.datetime.fromtimestamp(vote.created_at, tz=datetime.timezone.utc),
+                "image_0_uid": vote.left_item,
+                "image_1_uid": vote.right_item,
+                "best_image_uid": best,
+                "has_label": True,
+                "are_different": True,
+                "choice": vote.choice,
+            }
+        )
+    counts["written"] = len(rows)
+    table = pa.Table.from_pylist(rows, schema=_schema())
+    with staged_file(out) as temporary:
+        pq.write_table(table, temporary)
+    return dict(counts)
+
+
+def _read_images(vote: StoredVote, report: SkipReport, source: str) -> tuple[bytes, bytes] | None:
+    try:
+        return Path(vote.left_path).read_bytes(), Path(vote.right_path).read_bytes()
+    except OSError as error:
+        report.record(source, f"vote {vote.vote_id}", f"unreadable image: {error}")
+        return None
