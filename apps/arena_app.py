@@ -194,7 +194,7 @@ def build_blocks(arena: Arena):
             heatmap = gr.Image(label="pairwise win rate", type="pil", format="png", interactive=False)
 
         shown = [prompt, left, right, token, progress]
-        demo.load(next_pair, None, shown, api_name="next_pair")
+        demo.load(next_pair, None, shown, api_name="next_pair", queue=False)
         def vote_from_page(choice: str):
             def handler(token_value: str, request: gr.Request) -> str:
                 return reveal(vote(choice, token_value, request), choice)
@@ -205,7 +205,7 @@ def build_blocks(arena: Arena):
             button.click(vote_from_page(choice), [token], [revealed], api_visibility="private").then(
                 next_pair, None, shown, api_visibility="private"
             )
-        gr.api(vote, api_name="vote")
+        gr.api(vote, api_name="vote", queue=False)
         refresh.click(arena.leaderboard, None, [table, heatmap, summary], api_name="leaderboard")
     return demo
 

@@ -68,3 +68,40 @@ def tiny_train_args(family: str, model: Path, data: Path, output_dir: Path, *ext
 def train_args():
     """The tiny_train_args builder (test modules cannot import conftest under importlib mode)."""
     return tiny_train_args
+
+
+@pytest.fixture(scope="session")
+def toy_arena_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three toy models' image folders with manifests (12 prompts x 3 seeds each: 108 cross-model pairs)."""
+    from diffalign.toy.arena import write_toy_sources
+
+    return write_toy_sources(tmp_path_factory.mktemp("arena-sources"), seeds_per_prompt=3)
+
+
+@pytest.fixture
+def start_arena(tmp_path: Path):
+    """Start `diffalign arena` processes on free loopback ports; ``start(sources, db, *args) -> (url, process)``.
+
+    Every process is ended when the test ends (killed if it does not stop on SIGTERM).
+    """
+    from diffalign.apps.arena_client import free_port, launch_arena, wait_until_up
+
+    processes = []
+
+    def start(sources, database, *extra: str):
+        port = free_port()
+        process = launch_arena(list(sources), database, port, *extra, log=tmp_path / f"arena-{port}.log")
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(url, process)
+        return url, process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except Exception:  # noqa: BLE001
+                process.kill()
+                process.wait()
