@@ -40,6 +40,7 @@ __all__ = ["Arena", "build_blocks", "serve", "MAX_BODY_BYTES"]
 
 logger = logging.getLogger("diffalign.arena")
 
+IMAGE_HEIGHT = 384  # display size; small images are scaled up so that people can judge them
 MAX_BODY_BYTES = 64 * 1024  # the largest request the app accepts: votes and page loads are tiny
 _CHOICE_LABELS = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both bad"}
 _SHORTCUTS = """
@@ -166,7 +167,7 @@ def build_blocks(arena: Arena):
     def reveal(result: dict, choice: str) -> str:
         if not result["accepted"]:
             return f"**Vote not counted:** {result['reason']}"
-        return (f"You chose **{_CHOICE_LABELS[choice]}**. Left was **{result['left_model']}**, "
+        return (f"Previous pair: you chose **{_CHOICE_LABELS[choice]}**. Left was **{result['left_model']}**, "
                 f"right was **{result['right_model']}**.")
 
     with gr.Blocks(title="diffalign arena") as demo:
@@ -175,8 +176,10 @@ def build_blocks(arena: Arena):
         with gr.Tab("Vote"):
             prompt = gr.Markdown(elem_id="arena-prompt")
             with gr.Row():
-                left = gr.Image(label="Left", type="pil", format="png", interactive=False, elem_id="arena-left")
-                right = gr.Image(label="Right", type="pil", format="png", interactive=False, elem_id="arena-right")
+                left = gr.Image(label="Left", type="pil", format="png", interactive=False, height=IMAGE_HEIGHT,
+                                buttons=["fullscreen"], elem_id="arena-left")
+                right = gr.Image(label="Right", type="pil", format="png", interactive=False, height=IMAGE_HEIGHT,
+                                 buttons=["fullscreen"], elem_id="arena-right")
             with gr.Row():
                 buttons = {
                     "left": gr.Button("⬅ Left is better [1]", elem_id="vote-left", variant="primary"),
