@@ -20,6 +20,7 @@ from pathlib import Path
 
 from diffalign.apps.arena_store import StoredVote, VoteStore
 from diffalign.atomic import staged_file
+from diffalign.data.pickapic import pickapic_core_fields
 from diffalign.data.report import SkipReport
 
 __all__ = ["ExportFilters", "export_votes"]
@@ -34,13 +35,7 @@ def _schema():
 
     return pa.schema(
         [
-            ("jpg_0", pa.binary()),
-            ("jpg_1", pa.binary()),
-            ("label_0", pa.float64()),
-            ("label_1", pa.float64()),
-            ("caption", pa.string()),
-            ("model_0", pa.string()),
-            ("model_1", pa.string()),
+            *pickapic_core_fields(),
             ("user_id", pa.string()),
             ("ranking_id", pa.int64()),
             ("created_at", pa.timestamp("us", tz="UTC")),
@@ -52,7 +47,6 @@ def _schema():
             ("choice", pa.string()),
         ]
     )
-
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,29 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PickapicSource",
+    "pickapic_core_fields",
     "select_split_files",
     "PICKAPIC_REQUIRED_COLUMNS",
 ]
 
 PICKAPIC_REQUIRED_COLUMNS: tuple[str, ...] = ("jpg_0", "jpg_1", "label_0", "caption")
+
+
+def pickapic_core_fields() -> list[tuple[str, Any]]:
+    """Pick-a-Pic v2's core columns with their Arrow types (what writers of pair files share)."""
+    import pyarrow as pa
+
+    return [
+        ("jpg_0", pa.binary()),
+        ("jpg_1", pa.binary()),
+        ("label_0", pa.float64()),
+        ("label_1", pa.float64()),
+        ("caption", pa.string()),
+        ("model_0", pa.string()),
+        ("model_1", pa.string()),
+    ]
+
+
 _KNOWN_SPLIT = re.compile(r"^(train|test|validation|valid|val|dev|eval)(_[a-z0-9]+)?$", re.IGNORECASE)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CHUNK_ROWS = 65_536

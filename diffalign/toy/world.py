@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffalign.atomic import staged_file
+from diffalign.data.pickapic import pickapic_core_fields
 
 if TYPE_CHECKING:
     from diffalign.toy.ranked import RANKED_SCHEMA, RANKED_SCORES, make_ranked, write_ranked  # lazy, see __getattr__
@@ -83,19 +84,7 @@ LOSER_KINDS: tuple[str, ...] = ("colour", "shape", "degraded")
 WINNER_MODEL = "toy-truth"
 
 # Pick-a-Pic v2's core columns (same names and types) plus ``loser_kind``.
-PAIR_SCHEMA = pa.schema(
-    [
-        ("jpg_0", pa.binary()),
-        ("jpg_1", pa.binary()),
-        ("label_0", pa.float64()),
-        ("label_1", pa.float64()),
-        ("caption", pa.string()),
-        ("model_0", pa.string()),
-        ("model_1", pa.string()),
-        ("ranking_id", pa.int64()),
-        ("loser_kind", pa.string()),
-    ]
-)
+PAIR_SCHEMA = pa.schema([*pickapic_core_fields(), ("ranking_id", pa.int64()), ("loser_kind", pa.string())])
 
 # PAIR_SCHEMA plus DCPO's per-image captions (Pick-a-Pic's caption_0 / caption_1 names).
 DUAL_CAPTION_PAIR_SCHEMA = PAIR_SCHEMA.append(pa.field("caption_0", pa.string())).append(
