@@ -355,3 +355,24 @@ def test_rank_four_sources_two_scorers(tmp_path: Path, capsys: pytest.CaptureFix
     assert pair.prompt == "P1" and pair.models == ["c", "d"]
     assert np.asarray(pair.images[0])[0, 0].tolist() == [100, 100, 100]
     assert np.asarray(pair.images[1])[0, 0].tolist() == [30, 30, 30]
+
+
+def test_generate_manifests_open_as_arena_sources(base_run: Path, lora_run: Path) -> None:
+    """`diffalign arena` reads generate's output folders as they are: one model each, same-seed pairs by prompt."""
+    from diffalign.apps.arena_sources import load_sources, match_pairs
+    from diffalign.data.report import SkipReport
+
+    report = SkipReport()
+    sources = load_sources([str(base_run), str(lora_run)], report)
+    assert report.total == 0 and "base" in sources and len(sources) == 2
+    pairs = match_pairs(sources)
+    base_rows = [json.loads(line) for line in (base_run / "manifest.jsonl").read_text().splitlines()]
+    assert len(pairs) == len(base_rows)
+    seeds = {}
+    for run in (base_run, lora_run):
+        for line in (run / "manifest.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            seeds[(run, str((run / row["image"]).resolve()))] = row["seed"]
+    for pair in pairs:
+        a_run, b_run = (base_run, lora_run) if pair.a.model == "base" else (lora_run, base_run)
+        assert seeds[(a_run, str(pair.a.path))] == seeds[(b_run, str(pair.b.path))], "paired images share a seed"
