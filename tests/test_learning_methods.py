@@ -128,6 +128,8 @@ def test_pso_offline_in_the_few_step_setting_raises_heldout_accuracy(toy_cache_r
         toy_cache_root, tmp_path / "run", method, world.train, world.heldout, f"model.path={turbo}", "model.timestep_mode=distilled"
     )
     masks = kind_masks(world.heldout)
+    print("PSO offline held-out accuracy:", {k: round(float(after.accuracy(m)), 3) for k, m in masks.items()},
+          "overall", round(float(after.accuracy()), 3))
     assert before.accuracy() == 0.5
     assert after.accuracy(masks["colour"]) >= 0.8 and after.accuracy(masks["degraded"]) >= 0.9
     assert after.accuracy() >= 0.75
@@ -170,6 +172,7 @@ def test_pso_online_raises_the_heldout_reward(toy_cache_root, tmp_path):
     backbone = load_backbone(config.model)
     trained = load_trained_denoiser(result.final_dir, load_backbone(config.model, load_encoders=False).denoiser)
     measures = heldout_online(backbone, trained, backbone.denoiser, prompts(), toy_reward, 32)
+    print("PSO online held-out:", measures)
     assert measures["reward_policy"] > measures["reward_reference"] + 0.008
     assert measures["reward_win_rate"] >= 0.65
     untrained = heldout_online(backbone, backbone.denoiser, backbone.denoiser, prompts(), toy_reward, 32)

@@ -117,6 +117,12 @@ def test_gradient_accumulation_1x4_equals_4x1(tiny_models, toy_pairs, train_args
     Per-group noise seeds make the two see identical noise; the logged loss and the norm of the
     accumulated gradient (before clipping) must agree. (Parameters after one AdamW step are not
     compared: Adam's first update is ~lr*sign(g), which flips for gradients near zero.)
+
+    Tolerance of the gradient norm: float32 CPU kernels round differently for a batch of 1 and of
+    4, and the winner's and loser's gradients nearly cancel in DPO, which magnifies that rounding:
+    on an AMD EPYC (AVX2) machine the two norms were 96.3684 and 96.3783 (1.0e-4 apart, while the
+    losses agree to 1e-5). 1e-3 sits above that rounding and far below what an accumulation bug
+    does (a missing 1/4 loss scale makes the accumulated gradient 4 times too large).
     """
     common = ["train.mode=full", "train.max_steps=1", "train.learning_rate=1e-3", "train.scale_lr=false", "train.lr_scheduler=constant"]
     one_batch, accumulated = tmp_path / "b4", tmp_path / "ga4"
@@ -125,7 +131,7 @@ def test_gradient_accumulation_1x4_equals_4x1(tiny_models, toy_pairs, train_args
     a, b = read_metrics(one_batch / "metrics.jsonl")[0], read_metrics(accumulated / "metrics.jsonl")[0]
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert a["grad_norm"] > 0
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     assert a["implicit_acc"] == b["implicit_acc"]
 
 
