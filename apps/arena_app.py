@@ -22,7 +22,6 @@ they reach the browser as re-encoded copies, so no source path is served directl
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +33,9 @@ import PIL.Image
 from diffalign.apps.arena_rank import leaderboard, outcomes, write_heatmap
 from diffalign.apps.arena_schedule import PairScheduler, Showing
 from diffalign.apps.arena_sources import ArenaItem
-from diffalign.apps.arena_store import VoteResult, VoteStore
+from diffalign.apps.arena_store import MAX_SESSION_CHARS, MAX_TOKEN_CHARS, VoteResult, VoteStore
 
 __all__ = ["Arena", "build_blocks", "serve", "MAX_BODY_BYTES"]
-
-logger = logging.getLogger("diffalign.arena")
 
 IMAGE_HEIGHT = 384  # display size; small images are scaled up so that people can judge them
 MAX_BODY_BYTES = 64 * 1024  # the largest request the app accepts: votes and page loads are tiny
@@ -147,7 +144,7 @@ def build_blocks(arena: Arena):
         session = getattr(request, "session_hash", None) if request is not None else None
         if not session:
             raise gr.Error("no session: connect through the Gradio page or gradio_client")
-        return str(session)[:64]
+        return str(session)[:MAX_SESSION_CHARS]
 
     def next_pair(request: gr.Request):
         issued = arena.issue(session_of(request))
@@ -189,7 +186,7 @@ def build_blocks(arena: Arena):
                 }
             revealed = gr.Markdown(elem_id="arena-reveal")
             progress = gr.Markdown(elem_id="arena-progress")
-            token = gr.Textbox(visible=False, max_length=64, elem_id="arena-token")
+            token = gr.Textbox(visible=False, max_length=MAX_TOKEN_CHARS, elem_id="arena-token")
         with gr.Tab("Leaderboard"):
             refresh = gr.Button("Refresh", elem_id="leaderboard-refresh")
             summary = gr.Markdown(elem_id="leaderboard-summary")

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from diffalign.apps.arena_store import LEFT_SCORE
 from diffalign.atomic import staged_file
 
 __all__ = ["Outcomes", "LeaderboardRow", "bootstrap_intervals", "fit_bradley_terry", "leaderboard", "outcomes", "write_heatmap"]
 
 ELO_SCALE = 400.0 / math.log(10.0)
 ELO_BASE = 1000.0
-_OUTCOME = {"left": 1.0, "right": 0.0, "tie": 0.5, "both_bad": 0.5}
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def outcomes(votes: Iterable[tuple[str, str, str]], models: Sequence[str] | None
     index = {name: k for k, name in enumerate(names)}
     left = np.array([index[t[0]] for t in triples], dtype=np.int64)
     right = np.array([index[t[1]] for t in triples], dtype=np.int64)
-    score = np.array([_OUTCOME[t[2]] for t in triples], dtype=np.float64)
+    score = np.array([LEFT_SCORE[t[2]] for t in triples], dtype=np.float64)
     return Outcomes(names, left, right, score)
 
 

@@ -26,10 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CHOICES", "SCHEMA_VERSION", "StoredVote", "VoteResult", "VoteStore", "StoreError"]
+__all__ = ["CHOICES", "LEFT_SCORE", "SCHEMA_VERSION", "StoredVote", "VoteResult", "VoteStore", "StoreError"]
 
 SCHEMA_VERSION = 1
 CHOICES = ("left", "right", "tie", "both_bad")
+# What a choice means for the left image: a win, a loss, or half of each ("both bad" prefers neither).
+# The leaderboard's outcomes and the export's label_0 both read it.
+LEFT_SCORE = {"left": 1.0, "right": 0.0, "tie": 0.5, "both_bad": 0.5}
 TOKEN_BYTES = 24  # secrets.token_urlsafe(24): 32 characters, 192 bits
 MAX_TOKEN_CHARS = 64
 MAX_SESSION_CHARS = 64
@@ -158,9 +161,7 @@ class VoteStore:
     def _migrate(self) -> None:
         """Create the schema in an empty database; refuse one of another version (never rewrite it)."""
         try:
-            db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction() as db:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 if version == 0 and not tables:
@@ -168,12 +169,7 @@ class VoteStore:
                         if statement.strip():
                             db.execute(statement)
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    db.execute("COMMIT")
-                    return
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("ROLLBACK")
+                    version = SCHEMA_VERSION
         except sqlite3.DatabaseError as error:
             self.close()
             raise StoreError(f"{self.path}: not a usable SQLite vote database ({error})") from error
@@ -193,7 +189,8 @@ class VoteStore:
 
     def issue(self, session_id: str, pair_id: str, left_item: str, right_item: str) -> str:
         """A fresh one-time token for showing ``pair_id`` to ``session_id`` with these sides."""
-        _check_text("session id", session_id, MAX_SESSION_CHARS)
+        if not _bounded_text(session_id, MAX_SESSION_CHARS):
+            raise ValueError(f"session id must be a non-empty string of at most {MAX_SESSION_CHARS} characters")
         token = secrets.token_urlsafe(TOKEN_BYTES)
         with self._transaction() as db:
             db.execute(
@@ -279,16 +276,15 @@ class VoteStore:
         return self._connection().execute("SELECT DISTINCT session_id, pair_id FROM tokens").fetchall()
 
 
-def _check_text(what: str, value: object, limit: int) -> None:
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise ValueError(f"{what} must be a non-empty string of at most {limit} characters")
+def _bounded_text(value: object, limit: int) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= limit
 
 
 def _input_problem(session_id: object, token: object, choice: object) -> str | None:
     """Why a vote's inputs are malformed, before the database is consulted (bounded sizes, known choice)."""
-    if not isinstance(session_id, str) or not session_id or len(session_id) > MAX_SESSION_CHARS:
+    if not _bounded_text(session_id, MAX_SESSION_CHARS):
         return "malformed session id"
-    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+    if not _bounded_text(token, MAX_TOKEN_CHARS):
         return "unknown or forged token"
     if choice not in CHOICES:
         return f"unknown choice {str(choice)[:20]!r} (expected one of {', '.join(CHOICES)})"

@@ -13,21 +13,17 @@ file is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffalign.apps.arena_store import StoredVote, VoteStore
+from diffalign.apps.arena_store import LEFT_SCORE, StoredVote, VoteStore
 from diffalign.atomic import staged_file
 from diffalign.data.pickapic import pickapic_core_fields
 from diffalign.data.report import SkipReport
 
 __all__ = ["ExportFilters", "export_votes"]
 
-logger = logging.getLogger("diffalign.arena")
-
-_LABEL_0 = {"left": 1.0, "right": 0.0, "tie": 0.5, "both_bad": 0.5}
 
 
 def _schema():
@@ -93,7 +89,7 @@ def export_votes(
         if images is None:
             counts["skipped unreadable image"] += 1
             continue
-        label_0 = _LABEL_0[vote.choice]
+        label_0 = LEFT_SCORE[vote.choice]
         best = vote.left_item if label_0 == 1.0 else vote.right_item if label_0 == 0.0 else None
         rows.append(
             {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,9 +17,13 @@ from diffalign.trainers.metrics import read_metrics
 
 @pytest.fixture
 def voted_database(toy_arena_sources, tmp_path):
-    """Votes cast through the arena's own logic: session A 10 votes (left/right/tie/both bad in turn), B 2 votes."""
+    """Votes cast through the arena's own logic: session A 10 votes (left/right/tie/both bad in turn), B 2 votes.
+
+    On a private copy of the sources: a test here deletes an image, which must not reach other tests.
+    """
     database = tmp_path / "votes.sqlite"
-    arena = build_arena([str(p) for p in toy_arena_sources.values()], database, seed=0)
+    sources = [shutil.copytree(p.parent, tmp_path / "sources" / name) for name, p in toy_arena_sources.items()]
+    arena = build_arena([str(p) for p in sources], database, seed=0)
     choices = ("left", "right", "tie", "both_bad")
     for session, n in (("session-a", 10), ("session-b", 2)):
         for k in range(n):
@@ -46,7 +51,7 @@ def test_export_writes_pickapic_schema_with_labels(voted_database, tmp_path):
     assert {r["user_id"] for r in rows} == {"session-a", "session-b"}
 
 
-def test_export_filters_and_unreadable_images(voted_database, toy_arena_sources, tmp_path):
+def test_export_filters_and_unreadable_images(voted_database, tmp_path):
     counts = export_votes(voted_database, tmp_path / "a.parquet", ExportFilters(drop_both_bad=True, min_session_votes=5))
     # session-b (2 votes) is dropped whole; session-a loses its 2 both-bad votes (k = 3, 7).
     assert counts["written"] == 8 and counts["dropped short session"] == 2 and counts["dropped both bad"] == 2

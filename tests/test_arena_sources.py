@@ -52,7 +52,7 @@ def test_missing_files_are_reported_and_skipped_and_names_resolved(tmp_path):
     _png(tmp_path / "a" / "1.png")
     _png(tmp_path / "b" / "1.png")
     a = _manifest(tmp_path / "a", [{"image": "1.png", "prompt": "p", "model": "alpha"}, {"image": "gone.png", "prompt": "q"}])
-    b = _manifest(tmp_path / "b", [{"image": "1.png", "prompt": "p"}, "not json"])
+    b = tmp_path / "b"
     (b / "manifest.jsonl").write_text('{"image": "1.png", "prompt": "p"}\nnot json\n')
     report = SkipReport()
     sources = load_sources([str(a), f"beta={b}"], report)
