@@ -118,21 +118,49 @@ def test_gradient_accumulation_1x4_equals_4x1(tiny_models, toy_pairs, train_args
     accumulated gradient (before clipping) must agree. (Parameters after one AdamW step are not
     compared: Adam's first update is ~lr*sign(g), which flips for gradients near zero.)
 
-    Tolerance of the gradient norm: float32 CPU kernels round differently for a batch of 1 and of
-    4, and the winner's and loser's gradients nearly cancel in DPO, which magnifies that rounding:
-    on an AMD EPYC (AVX2) machine the two norms were 96.3684 and 96.3783 (1.0e-4 apart, while the
-    losses agree to 1e-5). 1e-3 sits above that rounding and far below what an accumulation bug
-    does (a missing 1/4 loss scale makes the accumulated gradient 4 times too large).
+    Why beta = 1, not the recipe's 5000: at step 0 the policy equals its frozen reference, so the
+    loss is log 2 up to float32 rounding, and float32 CPU kernels round differently for a batch of
+    1 and of 4 (and differently on AVX2 and AVX-512/AMX). The loss sees that rounding times beta:
+    at beta = 5000 an Intel Xeon gave 0.693222 against 0.693147. At beta = 1 the same rounding
+    (~1e-7 in the error gap) moves the loss by ~1e-8, below float32's resolution at log 2, so
+    no CPU's rounding can decide the test. Beta's own scaling is tested separately below.
+
+    Tolerance of the gradient norm: at beta = 5000 the two norms were 1.0e-4 apart (relatively) on
+    an AMD EPYC, because beta x rounding also moved the sigmoid weight; at beta = 1 they are
+    0.01927365 and 0.01927364 there (5e-7 apart). rel 1e-3 leaves three orders of magnitude for
+    another CPU's rounding and still catches an accumulation bug by far (a missing 1/4 loss scale
+    makes the accumulated gradient 4 times too large).
     """
-    common = ["train.mode=full", "train.max_steps=1", "train.learning_rate=1e-3", "train.scale_lr=false", "train.lr_scheduler=constant"]
+    common = ["train.mode=full", "train.max_steps=1", "train.learning_rate=1e-3", "train.scale_lr=false",
+              "train.lr_scheduler=constant", "method.beta=1"]
     one_batch, accumulated = tmp_path / "b4", tmp_path / "ga4"
     assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, one_batch, *common, "train.batch_size=4")) == 0
     assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, accumulated, *common, "train.batch_size=1", "train.gradient_accumulation_steps=4")) == 0
     a, b = read_metrics(one_batch / "metrics.jsonl")[0], read_metrics(accumulated / "metrics.jsonl")[0]
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["loss"] == pytest.approx(math.log(2), abs=1e-6), "at step 0 the policy is its reference"
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
     assert a["grad_norm"] > 0
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     assert a["implicit_acc"] == b["implicit_acc"]
+
+
+def test_dpo_gradient_scales_with_beta(tiny_models, toy_pairs, train_args, tmp_path):
+    """At step 0 DPO's gradient is beta/2 * sigmoid(0) * d(error gap): doubling beta doubles it.
+
+    Both runs use the same batch of 4 and the same kernels, so the error gradients are bitwise the
+    same; only the scalar weight beta/2 * sigmoid(-beta/2 * gap) differs. The gap is float32
+    rounding (~1e-7 at most), so the sigmoid stays 1/2 to ~1e-7 at beta <= 2 and the ratio is 2 to
+    well inside rel 1e-4 on any CPU. A loss that ignored beta gives a ratio of 1.
+    """
+    common = ["train.mode=full", "train.max_steps=1", "train.learning_rate=1e-3", "train.scale_lr=false",
+              "train.lr_scheduler=constant", "train.batch_size=4"]
+    norms = {}
+    for beta in (1, 2):
+        out = tmp_path / f"beta{beta}"
+        assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, out, *common, f"method.beta={beta}")) == 0
+        norms[beta] = read_metrics(out / "metrics.jsonl")[0]["grad_norm"]
+    assert norms[1] > 0
+    assert norms[2] / norms[1] == pytest.approx(2.0, rel=1e-4)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
