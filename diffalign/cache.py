@@ -15,7 +15,6 @@ data) is refused with a message that says what changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from diffalign.data import (
 )
 from diffalign.data.captioned import rows_with_captions
 from diffalign.data.dataset import Key
+from diffalign.fingerprint import fingerprint
 from diffalign.atomic import staged_folder
 
 CACHE_VERSION = 1
@@ -46,10 +46,6 @@ ENCODER_FOLDERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "t
 
 class StaleCacheError(ConfigError):
     """The cache was built for another model, resolution, crop or data than the config names."""
-
-
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def model_fingerprint(model: ModelConfig) -> str:
@@ -64,7 +60,7 @@ def model_fingerprint(model: ModelConfig) -> str:
                 payload[f"{folder}/{file.name}"] = (
                     file.read_text() if file.suffix == ".json" else (stat.st_size, stat.st_mtime_ns)
                 )
-    return _digest(payload)
+    return fingerprint(payload, 16)
 
 
 def cache_key(model: ModelConfig, data: DataConfig, data_fingerprint: str, require_captions: bool = False) -> dict[str, Any]:

@@ -19,8 +19,9 @@ import torch
 
 from diffalign.atomic import staged_folder
 from diffalign.backbones import Backbone
-from diffalign.cache import _digest, model_fingerprint, open_source
+from diffalign.cache import model_fingerprint, open_source
 from diffalign.data import BadRowError, SkipReport, derive_seed
+from diffalign.fingerprint import fingerprint
 from diffalign.sampling import generate_images, to_pil
 
 from .config import TrainConfig
@@ -37,14 +38,14 @@ def _weights_fingerprint(config: TrainConfig) -> str:
         for file in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
             stat = file.stat()
             stats[f"{folder}/{file.name}"] = (stat.st_size, stat.st_mtime_ns)
-    return _digest(stats)
+    return fingerprint(stats, 16)
 
 
 def reference_folder(config: TrainConfig, data_fingerprint: str) -> Path:
     """Where this run's reference pairs live: ``<reference_dir>/<key>``."""
     method = config.method
     root = Path(method.reference_dir) if method.reference_dir else Path(config.train.output_dir) / "pso-references"  # type: ignore[attr-defined]
-    key = _digest(
+    key = fingerprint(
         {
             "data": data_fingerprint,
             "max_rows": config.data.max_rows,
@@ -53,7 +54,8 @@ def reference_folder(config: TrainConfig, data_fingerprint: str) -> Path:
             "steps": method.reference_steps,  # type: ignore[attr-defined]
             "eta": method.reference_eta,  # type: ignore[attr-defined]
             "seed": method.reference_seed,  # type: ignore[attr-defined]
-        }
+        },
+        16,
     )
     return root / key
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from diffalign.backbones import StableDiffusionBackbone
 from diffalign.atomic import staged_folder
+from diffalign.fingerprint import fingerprint
 from diffalign.noise import DDPMProcess, per_sample_error
 from diffalign.tiny import build_pipeline
 from diffalign.toy.world import ToyWorldSpec, write_toy_world
@@ -55,7 +56,7 @@ class ToyBaseRecipe:
 
     def fingerprint(self) -> str:
         payload = {"version": BASE_VERSION, **dataclasses.asdict(self), "world": self.world.fingerprint()}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+        return fingerprint(payload, 12)
 
 
 def _decode_column(table, column: str) -> torch.Tensor:

@@ -34,7 +34,6 @@ antialiasing filter so edges are smooth, not stair-stepped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -53,6 +52,7 @@ import pyarrow.parquet as pq
 
 from diffalign.atomic import staged_file
 from diffalign.data.pickapic import pickapic_core_fields
+from diffalign.fingerprint import fingerprint
 
 if TYPE_CHECKING:
     from diffalign.toy.ranked import RANKED_SCHEMA, RANKED_SCORES, make_ranked, write_ranked  # lazy, see __getattr__
@@ -171,7 +171,7 @@ class ToyWorldSpec:
 
     def fingerprint(self) -> str:
         """Short sha256 of the sorted recipe, to key caches (toy base, encoded data)."""
-        return _fingerprint(self.recipe())
+        return fingerprint(self.recipe(), 16, compact=True)
 
 
 @dataclass(frozen=True)
@@ -182,11 +182,6 @@ class ToyWorldPaths:
     train: Path
     heldout: Path
     recipe: Path
-
-
-def _fingerprint(recipe: dict) -> str:
-    blob = json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def caption(colour: str, shape: str) -> str:
