@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny)
 
-    from diffalign.apps.arena_cli import add_arena_parsers
+    from diffalign.apps.arena.cli import add_arena_parsers
     from diffalign.apps.captions_cli import add_captions_parser
     from diffalign.apps.eval_cli import add_eval_parsers
     from diffalign.apps.score_cli import add_score_parsers

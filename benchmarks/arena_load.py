@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from diffalign.apps.arena_client import ArenaClient, free_port, launch_arena, wait_until_up
+from diffalign.apps.arena.client import ArenaClient, free_port, launch_arena, wait_until_up
 from diffalign.toy.arena import write_toy_sources
 
 CHOICES = ("left", "right", "tie", "both_bad")

@@ -84,7 +84,7 @@ def start_arena(tmp_path: Path):
 
     Every process is ended when the test ends (killed if it does not stop on SIGTERM).
     """
-    from diffalign.apps.arena_client import free_port, launch_arena, wait_until_up
+    from diffalign.apps.arena.client import free_port, launch_arena, wait_until_up
 
     processes = []
 

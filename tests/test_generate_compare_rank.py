@@ -359,7 +359,7 @@ def test_rank_four_sources_two_scorers(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_generate_manifests_open_as_arena_sources(base_run: Path, lora_run: Path) -> None:
     """`diffalign arena` reads generate's output folders as they are: one model each, same-seed pairs by prompt."""
-    from diffalign.apps.arena_sources import load_sources, match_pairs
+    from diffalign.apps.arena.sources import load_sources, match_pairs
     from diffalign.data.report import SkipReport
 
     report = SkipReport()

@@ -2,7 +2,7 @@
 
 Each pair is shown blind (no model names, images re-encoded without metadata under
 Gradio's anonymous cache names) with a random side; a vote reveals the names and loads the
-next pair. The server issues every pair with a one-time token (:mod:`arena_store`), and a
+next pair. The server issues every pair with a one-time token (:mod:`diffalign.apps.arena.store`), and a
 session is Gradio's own per-connection ``session_hash``, so a browser tab and a
 ``gradio_client.Client`` are each one session.
 
@@ -30,10 +30,10 @@ from typing import Any
 import gradio as gr
 import PIL.Image
 
-from diffalign.apps.arena_rank import leaderboard, outcomes, write_heatmap
-from diffalign.apps.arena_schedule import PairScheduler, Showing
-from diffalign.apps.arena_sources import ArenaItem
-from diffalign.apps.arena_store import MAX_SESSION_CHARS, MAX_TOKEN_CHARS, VoteResult, VoteStore
+from diffalign.apps.arena.rank import leaderboard, outcomes, write_heatmap
+from diffalign.apps.arena.schedule import PairScheduler, Showing
+from diffalign.apps.arena.sources import ArenaItem
+from diffalign.apps.arena.store import MAX_SESSION_CHARS, MAX_TOKEN_CHARS, VoteResult, VoteStore
 
 __all__ = ["Arena", "build_blocks", "serve", "MAX_BODY_BYTES"]
 

@@ -17,10 +17,10 @@ AUTH_ENV = "DIFFALIGN_ARENA_AUTH"
 
 def build_arena(sources: list[str], database: str | Path, seed: int | None = None, bootstrap_rounds: int = 200):
     """Sources checked and matched, the vote store opened and told the items, the scheduler restored."""
-    from diffalign.apps.arena_app import Arena
-    from diffalign.apps.arena_schedule import PairScheduler
-    from diffalign.apps.arena_sources import load_sources, match_pairs
-    from diffalign.apps.arena_store import VoteStore
+    from diffalign.apps.arena.app import Arena
+    from diffalign.apps.arena.schedule import PairScheduler
+    from diffalign.apps.arena.sources import load_sources, match_pairs
+    from diffalign.apps.arena.store import VoteStore
 
     report = SkipReport()
     loaded = load_sources(sources, report)
@@ -55,9 +55,9 @@ def read_auth(path: str | None) -> list[tuple[str, str]] | None:
 
 
 def _arena(args: argparse.Namespace) -> int:
-    from diffalign.apps.arena_app import serve
-    from diffalign.apps.arena_sources import SourceError
-    from diffalign.apps.arena_store import StoreError
+    from diffalign.apps.arena.app import serve
+    from diffalign.apps.arena.sources import SourceError
+    from diffalign.apps.arena.store import StoreError
 
     try:
         auth = read_auth(args.auth_file)
@@ -80,7 +80,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from diffalign.apps.export_votes import ExportFilters, export_votes
+    from diffalign.apps.arena.export import ExportFilters, export_votes
 
     report = SkipReport()
     counts = export_votes(args.db, args.out, ExportFilters(args.drop_both_bad, args.min_session_votes), report)

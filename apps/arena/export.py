@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffalign.apps.arena_store import LEFT_SCORE, StoredVote, VoteStore
+from diffalign.apps.arena.store import LEFT_SCORE, StoredVote, VoteStore
 from diffalign.atomic import staged_file
 from diffalign.data.pickapic import pickapic_core_fields
 from diffalign.data.report import SkipReport

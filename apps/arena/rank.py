@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffalign.apps.arena_store import LEFT_SCORE
+from diffalign.apps.arena.store import LEFT_SCORE
 from diffalign.atomic import staged_file
 
 __all__ = ["Outcomes", "LeaderboardRow", "bootstrap_intervals", "fit_bradley_terry", "leaderboard", "outcomes", "write_heatmap"]

@@ -17,7 +17,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
-from diffalign.apps.arena_sources import ArenaItem, ArenaPair
+from diffalign.apps.arena.sources import ArenaItem, ArenaPair
 
 __all__ = ["PairScheduler", "Showing"]
 

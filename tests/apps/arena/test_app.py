@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffalign.apps.arena_client import ArenaCallError, ArenaClient
-from diffalign.apps.arena_store import VoteStore
+from diffalign.apps.arena.client import ArenaCallError, ArenaClient
+from diffalign.apps.arena.store import VoteStore
 
 
 def _source_pixels(sources: dict[str, Path], prompt: str) -> list[np.ndarray]:

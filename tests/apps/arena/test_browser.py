@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from diffalign.apps.arena_store import VoteStore
+from diffalign.apps.arena.store import VoteStore
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # What a headless, sandbox-free Chromium needs on a machine whose network is closed (no background fetches).

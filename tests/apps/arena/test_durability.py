@@ -8,8 +8,8 @@ import sqlite3
 import threading
 import time
 
-from diffalign.apps.arena_client import ArenaClient
-from diffalign.apps.arena_store import VoteStore
+from diffalign.apps.arena.client import ArenaClient
+from diffalign.apps.arena.store import VoteStore
 
 CHOICES = ("left", "right", "tie", "both_bad")
 

@@ -8,9 +8,9 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from diffalign.apps.arena_cli import build_arena
+from diffalign.apps.arena.cli import build_arena
 from diffalign.apps.cli import main
-from diffalign.apps.export_votes import ExportFilters, export_votes
+from diffalign.apps.arena.export import ExportFilters, export_votes
 from diffalign.data.report import SkipReport
 from diffalign.trainers.metrics import read_metrics
 
@@ -58,7 +58,7 @@ def test_export_filters_and_unreadable_images(voted_database, tmp_path):
     assert set(pq.read_table(tmp_path / "a.parquet").column("user_id").to_pylist()) == {"session-a"}
 
     first = pq.read_table(tmp_path / "a.parquet").slice(0, 1).to_pylist()[0]
-    from diffalign.apps.arena_store import VoteStore
+    from diffalign.apps.arena.store import VoteStore
 
     store = VoteStore(voted_database)
     [vote] = [v for v in store.votes() if v.vote_id == first["ranking_id"]]

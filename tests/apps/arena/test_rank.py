@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffalign.apps.arena_rank import (
+from diffalign.apps.arena.rank import (
     ELO_BASE,
     ELO_SCALE,
     bootstrap_intervals,

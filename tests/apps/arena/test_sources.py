@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from diffalign.apps.arena_schedule import PairScheduler
-from diffalign.apps.arena_sources import SourceError, load_sources, match_pairs
+from diffalign.apps.arena.schedule import PairScheduler
+from diffalign.apps.arena.sources import SourceError, load_sources, match_pairs
 from diffalign.data.report import SkipReport
 from diffalign.toy.arena import write_toy_sources
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from diffalign.apps.arena_store import SCHEMA_VERSION, StoreError, VoteStore
+from diffalign.apps.arena.store import SCHEMA_VERSION, StoreError, VoteStore
 
 
 @pytest.fixture
