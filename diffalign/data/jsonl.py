@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffalign.data._common import _READER_VERSION, _check_index, _json_object, _stat_entry
+from diffalign.data.common import READER_VERSION, check_index, json_object, stat_entry
 from diffalign.data.images import decode_image
 from diffalign.data.report import SkipReport
 from diffalign.data.types import BadRowError, PreferenceGroup
@@ -48,7 +48,7 @@ class JsonlSource:
         rows: list[_JsonlRow] = []
         hasher = hashlib.sha256()
         hasher.update(json.dumps(
-            {"reader": "jsonl", "version": _READER_VERSION, "manifest": _stat_entry(path), **options},
+            {"reader": "jsonl", "version": READER_VERSION, "manifest": stat_entry(path), **options},
             sort_keys=True, default=str,
         ).encode())
         with path.open("r", encoding="utf-8") as fh:
@@ -82,18 +82,18 @@ class JsonlSource:
             if not (isinstance(c0, str) and c0.strip() and isinstance(c1, str) and c1.strip()):
                 raise BadRowError(self.name, rid, "missing caption: chosen_caption/rejected_caption empty or not a string")
             captions = (c0, c1)
-        stats = [_stat_entry(path) for path in paths]
+        stats = [stat_entry(path) for path in paths]
         return _JsonlRow(rid, obj["prompt"], paths[0], paths[1], captions), stats
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def row_id(self, index: int) -> str:
-        _check_index(self.name, index, len(self))
+        check_index(self.name, index, len(self))
         return self._rows[index].row_id
 
     def load(self, index: int) -> PreferenceGroup:
-        _check_index(self.name, index, len(self))
+        check_index(self.name, index, len(self))
         r = self._rows[index]
         images = [decode_image(p, row_id=r.row_id, source=self.name) for p in (r.chosen, r.rejected)]
         return PreferenceGroup(
@@ -106,7 +106,7 @@ class JsonlSource:
 
     def has_captions(self, index: int) -> bool:
         """Whether row ``index`` carries per-image captions (cheap: no image is decoded)."""
-        _check_index(self.name, index, len(self))
+        check_index(self.name, index, len(self))
         return self._rows[index].captions is not None
 
     def fingerprint(self) -> str:
@@ -122,7 +122,7 @@ def parse_pair_line(line: str, row_id: str, source: str, base: Path) -> tuple[di
     Image paths are relative to ``base`` (absolute allowed) and must exist; every problem is a
     :class:`BadRowError` naming the row (the manifest reader and the caption builder share this).
     """
-    obj = _json_object(line, row_id, source)
+    obj = json_object(line, row_id, source)
     for key in ("prompt", "chosen", "rejected"):
         if key not in obj:
             raise BadRowError(source, row_id, f"missing key: {key!r}")

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffalign.data._common import _READER_VERSION, _check_index, _hash, _stat_entry
+from diffalign.data.common import READER_VERSION, check_index, stat_entry
 from diffalign.data.images import decode_image
 from diffalign.data.report import SkipReport
 from diffalign.data.types import BadRowError, PreferenceGroup
+from diffalign.fingerprint import fingerprint
 
 if TYPE_CHECKING:
     import datasets
@@ -117,8 +118,8 @@ class PickapicSource:
         kept, labels = self._scan(ds, max_rows, report)
         self._kept = kept  # global row index of each kept row
         self._labels = labels  # [n, 2] label_0, label_1 of each kept row
-        self._fingerprint = _hash(
-            {"reader": "pickapic", "version": _READER_VERSION, "data": origin.fingerprint_items, **options}
+        self._fingerprint = fingerprint(
+            {"reader": "pickapic", "version": READER_VERSION, "data": origin.fingerprint_items, **options}, 20
         )
 
     # -- cheap checks ---------------------------------------------------------
@@ -224,13 +225,13 @@ class PickapicSource:
         return int(self._kept.size)
 
     def row_id(self, index: int) -> str:
-        _check_index(self.name, index, len(self))
+        check_index(self.name, index, len(self))
         g = int(self._kept[index])
         rid = self._id_ds[g]["ranking_id"] if self._id_ds is not None else None
         return self._make_row_id(g, rid)
 
     def load(self, index: int) -> PreferenceGroup:
-        _check_index(self.name, index, len(self))
+        check_index(self.name, index, len(self))
         g = int(self._kept[index])
         row = self._load_ds[g]
         rid = self.row_id(index)
@@ -356,7 +357,7 @@ def _open_parquet(
         label=labels[0] if len(labels) == 1 else root.name,
         file_labels=labels,
         file_offsets=offsets,
-        fingerprint_items=[_stat_entry(f) for f in files],
+        fingerprint_items=[stat_entry(f) for f in files],
     )
 
 
@@ -397,7 +398,7 @@ def _open_pickapic(
             files = sorted(q for q in p.rglob("*") if q.is_file())
             name = p.name
             label = p.name if (p / "state.json").is_file() else f"{p.name}/{split}"
-            origin = _Origin(label, [], np.zeros(0, np.int64), [_stat_entry(q) for q in files])
+            origin = _Origin(label, [], np.zeros(0, np.int64), [stat_entry(q) for q in files])
         else:
             files = select_split_files(p, split)
             ds, origin = _open_parquet(files, p, cache_dir)
@@ -412,7 +413,7 @@ def _open_pickapic(
             ) from exc
         _check_columns(set(ds.column_names), f"{path} (Hub, split {split!r})")
         name = f"{path}[{split}]"
-        items = [[c["filename"], *(_stat_entry(Path(c["filename"]))[1:])] for c in ds.cache_files]
+        items = [[c["filename"], *(stat_entry(Path(c["filename"]))[1:])] for c in ds.cache_files]
         origin = _Origin(name, [], np.zeros(0, np.int64), [path, split, ds.info.version, items])
     else:
         raise FileNotFoundError(

@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffalign.data._common import _hash, _stat_entry
+from diffalign.data.common import stat_entry
 from diffalign.data.report import SkipReport
+from diffalign.fingerprint import fingerprint
 
 __all__ = ["PromptSource", "PromptDataset", "collate_prompts"]
 
@@ -32,7 +33,7 @@ class PromptSource:
         self.prompts = [prompt for _, prompt in rows][:max_rows]
         if not self.prompts:
             raise ValueError(f"{self.path}: no usable prompts ({report.summary()})")
-        self._fingerprint = _hash({"reader": "prompts", "file": _stat_entry(self.path), "max_rows": max_rows})
+        self._fingerprint = fingerprint({"reader": "prompts", "file": stat_entry(self.path), "max_rows": max_rows}, 20)
 
     def _read(self, report: SkipReport) -> list[tuple[str, str]]:
         suffix = self.path.suffix

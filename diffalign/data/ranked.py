@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from diffalign.data._common import _READER_VERSION, _check_index, _stat_entry
+from diffalign.data.common import READER_VERSION, check_index, stat_entry
 from diffalign.data.images import decode_image
 from diffalign.data.pickapic import _is_save_to_disk, select_split_files
 from diffalign.data.ranked_layout import (
@@ -84,14 +84,14 @@ class RankedSource:
                     '{"prompt": ..., "images": [paths], "scores": [numbers]} object per line'
                 )
             self.name = p.name
-            data: list[Any] = [_stat_entry(p)]
+            data: list[Any] = [stat_entry(p)]
             hasher.update(_header(data, options))
             self._layout = _JsonlLayout(p, _Gate(self.name, group_size, drop_ties), hasher, max_rows, report)
         else:
             files, root = _parquet_files(p, split)
             self.name = p.name if len(files) > 1 else files[0].name
             options["split"] = split
-            hasher.update(_header([_stat_entry(f) for f in files], options))
+            hasher.update(_header([stat_entry(f) for f in files], options))
             cache = os.fspath(cache_dir) if cache_dir is not None else None
             gate = _Gate(self.name, group_size, drop_ties)
             self._layout = _ParquetLayout(files, root, gate, hasher, cache, max_rows, report)
@@ -109,12 +109,12 @@ class RankedSource:
         return len(self._layout)
 
     def row_id(self, index: int) -> str:
-        _check_index(self.name, index, len(self))
+        check_index(self.name, index, len(self))
         return self._layout.row_id(index)
 
     def load(self, index: int) -> PreferenceGroup:
         """Decode row ``index``, best first; BadRowError ("undecodable image: ...") for a bad image."""
-        _check_index(self.name, index, len(self))
+        check_index(self.name, index, len(self))
         rid = self._layout.row_id(index)
         prompt, payloads, models = self._layout.raw(index)
         scores = self._scores[index]
@@ -136,7 +136,7 @@ class RankedSource:
 
 
 def _header(data: list[Any], options: dict[str, Any]) -> bytes:
-    payload = {"reader": "ranked", "version": _READER_VERSION, "data": data, **options}
+    payload = {"reader": "ranked", "version": READER_VERSION, "data": data, **options}
     return json.dumps(payload, sort_keys=True, default=str).encode()
 
 

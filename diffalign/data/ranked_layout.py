@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffalign.data._common import _json_object, _stat_entry
+from diffalign.data.common import json_object, stat_entry
 from diffalign.data.pickapic import (
     _CHUNK_ROWS,
     _image_payload,
@@ -91,7 +91,7 @@ def _resolve(value: Any, base: Path, name: str, rid: str, i: int) -> Path:
 def _stat_image(p: Path, name: str, rid: str, i: int) -> list[Any]:
     """Stat a referenced image (for the fingerprint); a missing one is a row problem."""
     try:
-        entry = _stat_entry(p)
+        entry = stat_entry(p)
     except OSError:
         raise BadRowError(name, rid, f"missing image file: images[{i}] -> {p}") from None
     if not p.is_file():
@@ -137,7 +137,7 @@ class _JsonlLayout:
                     hasher.update(json.dumps(s).encode())
 
     def _parse(self, line: str, rid: str, gate: _Gate) -> tuple[_JsonlRow, list[float], list[list[Any]]]:
-        obj = _json_object(line, rid, self._name)
+        obj = json_object(line, rid, self._name)
         for key in RANKED_REQUIRED_COLUMNS:
             if key not in obj:
                 raise BadRowError(self._name, rid, f"missing key: {key!r}")

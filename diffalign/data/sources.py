@@ -21,7 +21,6 @@ from typing import Literal, Protocol, runtime_checkable
 
 # Shared helpers and the readers live in their own modules; they are re-exported
 # here so that every name importable from this module before the split still is.
-from diffalign.data._common import _READER_VERSION, _check_index, _hash, _stat_entry  # noqa: F401
 from diffalign.data.images import decode_image  # noqa: F401
 from diffalign.data.jsonl import JsonlSource, _JsonlRow  # noqa: F401
 from diffalign.data.pickapic import (  # noqa: F401
