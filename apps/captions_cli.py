@@ -10,13 +10,15 @@ import argparse
 import sys
 from typing import Any
 
+from diffalign.dtypes import DTYPE_NAMES
+
 __all__ = ["add_captions_parser"]
 
 
 def _captions(args: argparse.Namespace) -> int:
-    """Run :func:`diffalign.caption_io.add_dual_captions`; print the output path and what was skipped."""
-    from diffalign.caption_io import CaptionStats, add_dual_captions
-    from diffalign.captions import CaptionSettings
+    """Run :func:`diffalign.captioning.dataset.add_dual_captions`; print the output path and what was skipped."""
+    from diffalign.captioning.dataset import CaptionStats, add_dual_captions
+    from diffalign.captioning.strategies import CaptionSettings
     from diffalign.data.report import SkipReport
 
     device = args.device
@@ -89,6 +91,6 @@ def add_captions_parser(subparsers: Any) -> None:
     captions.add_argument("--batch-size", type=int, default=16, help="pairs per batch (parquet is streamed in these)")
     captions.add_argument("--seed", type=int, default=0, help="makes perturbation and sampling reproducible")
     captions.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    captions.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    captions.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     captions.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     captions.set_defaults(run=_captions)

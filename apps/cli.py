@@ -15,6 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
+from diffalign.dtypes import DTYPE_NAMES, parse_dtype
+
 
 def _train(args: argparse.Namespace) -> int:
     from diffalign.trainers.config import load_train_config
@@ -51,7 +53,7 @@ def _cache(args: argparse.Namespace) -> int:
     backbone = load_backbone(config.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     from diffalign.trainers.objectives import objective_entry
 
     objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("overrides", nargs="*")
     cache.add_argument("--batch-size", type=int, default=16)
     cache.add_argument("--shard-size", type=int, default=1024, help="groups (and texts) per safetensors shard")
-    cache.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    cache.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     cache.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     cache.set_defaults(run=_cache)
 

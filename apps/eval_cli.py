@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Any
 
+from diffalign.dtypes import DTYPE_NAMES
+
 __all__ = ["add_eval_parsers"]
 
 _USER_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError)
@@ -117,7 +119,7 @@ def _add_generate(commands: Any) -> None:
     generate.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     generate.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    generate.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    generate.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     generate.add_argument(
         "--name", default=None, help="model name written in the manifest (default: from the model and weights)"
     )
@@ -162,7 +164,7 @@ def _add_rank(commands: Any) -> None:
     rank.add_argument("--pairs-out", default=None, help="best-vs-worst pairs, .parquet (Pick-a-Pic v2 schema)")
     rank.add_argument("--batch-size", type=int, default=16, help="images per scorer forward")
     rank.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    rank.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="scorer dtype")
+    rank.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="scorer dtype")
     rank.set_defaults(run=_rank)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from diffalign.atomic import staged_folder
 from diffalign.data.manifest import MANIFEST_NAME
 from diffalign.data.report import SkipReport
+from diffalign.dtypes import parse_dtype
 
 __all__ = [
     "GenerateSettings",
@@ -40,7 +41,6 @@ __all__ = [
 MANIFEST = MANIFEST_NAME
 _RECORD = "diffalign.json"  # trainers.export.RECORD_FILE; read here as plain JSON
 _DENOISERS = ("unet", "transformer")
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,7 @@ class GenerateSettings:
             )
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"resolution must be >= 8, got {self.resolution}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {sorted(_DTYPES)}")
+        parse_dtype(self.dtype)  # a bad spelling fails here, naming the valid ones
 
 
 @dataclass(frozen=True)
@@ -162,7 +161,7 @@ def load_pipeline(model: str, trained: TrainedWeights | None, dtype: str, device
     # diffusers since huggingface/diffusers#14205 takes `dtype` (and warns on `torch_dtype`);
     # older releases know only `torch_dtype`.
     dtype_option = {
-        "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": getattr(torch, _DTYPES[dtype])
+        "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": parse_dtype(dtype)
     }
     components: dict[str, Any] = {}
     if trained is not None and trained.kind == "full":

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffalign.dtypes import DTYPE_NAMES
+
 if TYPE_CHECKING:
     from diffalign.scorers.base import Scorer
 
@@ -213,7 +215,7 @@ def _add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="scorer weights' dtype")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="scorer weights' dtype")
     parser.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from diffalign.dtypes import parse_dtype
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -29,7 +31,6 @@ __all__ = [
     "resolve_file",
     "load_scorer",
     "register_scorer",
-    "resolve_dtype",
     "score_in_batches",
 ]
 
@@ -58,15 +59,6 @@ ScorerLoader = Callable[..., Scorer]
 
 _REGISTRY: dict[str, ScorerLoader] = {}
 
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
 
 def register_scorer(
     name: str, loader: ScorerLoader, *, overwrite: bool = False
@@ -82,20 +74,6 @@ def register_scorer(
 def available_scorers() -> list[str]:
     """Registered scorer names, sorted."""
     return sorted(_REGISTRY)
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``torch.float32`` / ``"fp32"``, ``torch.bfloat16`` / ``"bf16"``, ``torch.float16`` / ``"fp16"``."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"unsupported scorer dtype {dtype}; use float32, bfloat16 or float16"
-            )
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(_DTYPES)}") from None
 
 
 def load_scorer(
@@ -119,7 +97,7 @@ def load_scorer(
     return loader(
         weights=weights,
         device=torch.device(device),
-        dtype=resolve_dtype(dtype),
+        dtype=parse_dtype(dtype),
         **options,
     )
 
@@ -148,7 +126,7 @@ def score_in_batches(n: int, batch_size: int, score_chunk: Callable[[slice], tor
 
 def load_checkpoint(path: str | Path, scorer: str, allow_pickle: bool = False) -> Any:
     """``torch.load(path, weights_only=True)``; a file that needs full unpickling is named and refused
-    unless ``allow_pickle=True`` (unpickling can run arbitrary code: an explicit, per-load choice, METHODS.md)."""
+    unless ``allow_pickle=True`` (unpickling can run arbitrary code, so it must be an explicit, per-load choice)."""
     import pickle
 
     try:

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffalign.backbones import load_backbone
+from diffalign.dtypes import parse_dtype
 
 from .checkpoint import read_state, register_denoiser_hooks, resolve_resume, save_checkpoint
 from .config import TrainConfig
@@ -41,9 +42,6 @@ from .online import Reward, SampledStep, resolve_reward
 from .step import DenoisingStep
 
 logger = logging.getLogger("diffalign.train")
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass
 class TrainResult:
@@ -103,7 +101,7 @@ class TrainingSetup:
 def setup_training(config: TrainConfig, accelerator, reward: Reward | None = None) -> TrainingSetup:
     """Method, model, data and optimisation, prepared by accelerate; the reference stays unwrapped."""
     run = config.train
-    weight_dtype = WEIGHT_DTYPES[run.mixed_precision]
+    weight_dtype = torch.float32 if run.mixed_precision == "no" else parse_dtype(run.mixed_precision)
     objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
     backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
     data = build_training_data(config, backbone, objective, accelerator)
