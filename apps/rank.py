@@ -1,6 +1,7 @@
 """``diffalign rank``: turn images of k models into RankDPO's ranked lists (and best-vs-worst pairs).
 
-Why: RankDPO (METHODS.md) trains on k images per prompt -- one from each of
+Why: RankDPO (Karthik et al., 2024, "Scalable Ranked Preference Optimization for
+Text-to-Image Generation") trains on k images per prompt -- one from each of
 several text-to-image models -- labelled by n reward models: ``C_i`` = the
 number of (reward model, other image) pairs where image i scores strictly
 higher (ties count half), and the soft score ``phi_i = C_i / (n (k-1))``.
@@ -79,7 +80,7 @@ def soft_scores(rewards: np.ndarray) -> np.ndarray:
     """RankDPO's soft scores ``phi [G, k]`` from rewards ``[n, G, k]`` (n scorers, G lists of k images).
 
     ``C_i = sum_m sum_{j != i} (1[r_mi > r_mj] + 0.5 1[r_mi == r_mj])`` and
-    ``phi_i = C_i / (n (k-1))`` (METHODS.md, RankDPO). Example, n = 1, k = 3,
+    ``phi_i = C_i / (n (k-1))`` (Karthik et al., 2024). Example, n = 1, k = 3,
     rewards (3, 1, 1): C = (2, 0.5, 0.5), phi = (1, 0.25, 0.25).
     """
     n, _, k = rewards.shape

@@ -1,7 +1,8 @@
 """Noise processes and the ELBO proxy: one denoising error per sample.
 
 Every alignment method is a function of per-sample denoising errors
-``L(x0, c; eps, t)`` (METHODS.md). A noise process owns how ``x_t`` is made,
+``L(x0, c; eps, t)``, the ELBO proxy of -log p(x0 | c) that Diffusion-DPO (Wallace et al.,
+2023) builds on. A noise process owns how ``x_t`` is made,
 what the network regresses onto and how timesteps are drawn; it returns one
 error per sample and never averages over the batch (the loop does that once).
 
@@ -56,7 +57,8 @@ class DDPMProcess:
     Target: ``eps`` (epsilon-prediction) or ``v = sqrt(ab_t) eps - sqrt(1-ab_t) x0``
     (v-prediction, Salimans & Ho 2022, sec. 4). ``timestep_mode='distilled'``
     maps ``t -> 250 (t mod 4) + 249`` so only the four timesteps a Turbo-style
-    model was distilled on are used (METHODS.md, Diffusion-DPO).
+    model was distilled on are used (as Diffusion-DPO's public training code does for
+    Turbo models; Wallace et al., 2023).
     """
 
     name = "ddpm"

@@ -1,6 +1,7 @@
 """Few-step stochastic sampling with per-transition Gaussian log-probabilities.
 
-Why: PSO (METHODS.md) pairs training images with images sampled from the
+Why: PSO (Miao et al., 2024, "Tuning Timestep-Distilled Diffusion Model Using Pairwise
+Sample Optimization") pairs training images with images sampled from the
 current distilled model by its own few-step sampler, and its online variant
 needs ``log pi(x_{k+1} | x_k)`` of every stochastic transition under the policy
 and under the reference, so the ratio ``pi_theta / pi_ref`` can be clipped.

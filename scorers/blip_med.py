@@ -272,7 +272,7 @@ def load_reference_state_dict(
 ) -> dict[str, torch.Tensor]:
     """``torch.load(path, weights_only=True)``; a file that needs full unpickling needs ``allow_pickle=True``.
 
-    Unpickling can run arbitrary code, so it is an explicit, per-call choice (METHODS.md).
+    Unpickling can run arbitrary code, so it is an explicit, per-call choice.
     """
     state = load_checkpoint(path, "imagereward", allow_pickle)
     if not isinstance(state, Mapping) or not all(

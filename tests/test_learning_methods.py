@@ -3,9 +3,9 @@ measure well beyond where it starts.
 
 Every run starts from the shared toy base (built once per session, see test_learning.py) and
 uses the quickstart recipe (full fine-tune, lr 1e-4, 16 groups/step, seed 0) with the method
-swapped in. Held-out measures are TOYWORLD.md's: per group, 8 shared (t, eps) draws;
-implicit accuracy = fraction of label-ordered pairs whose policy-minus-reference error is
-lower for the better image (ties half; exactly 0.5 before training); MaPO, which has no
+swapped in. Held-out measures are the toy world's (docs/toy-world.md): per group, 8 shared
+(t, eps) draws; implicit accuracy = fraction of label-ordered pairs whose policy-minus-reference
+error is lower for the better image (ties half; exactly 0.5 before training); MaPO, which has no
 reference, is judged by its held-out margin L_l - L_w. The thresholds sit below the figures
 measured with these exact settings (in each test's docstring) by more than the ±0.05 noise of
 100-300 held-out groups; training is seeded, so on this CPU stack the figures repeat.

@@ -1,6 +1,7 @@
 """Diffusion-DPO on hand-computed numbers, its limits, its metrics, and the objective registry.
 
-Notation (METHODS.md): per pair, d_theta = L_theta(w) - L_theta(l), d_ref = L_ref(w) - L_ref(l),
+Notation of Diffusion-DPO (Wallace et al., 2023, "Diffusion Model Alignment Using Direct Preference
+Optimization"): per pair, d_theta = L_theta(w) - L_theta(l), d_ref = L_ref(w) - L_ref(l),
 z = -0.5 * beta * (d_theta - d_ref), loss = mean over pairs of -log sigmoid(z) = log(1 + e^-z).
 Errors are float64 so the hand values hold to 1e-9.
 """

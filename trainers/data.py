@@ -21,7 +21,7 @@ class KeyedDataset:
 
     Drawing a group's noise, timestep and prompt dropout from its own seed makes
     a step independent of how groups are split into micro-batches and processes:
-    1 x 8 accumulation equals 8 x 1, and N processes equal one (STYLE.md, principle 8).
+    1 x 8 accumulation equals 8 x 1, and N processes equal one.
     """
 
     def __init__(self, dataset: Any, seed: int) -> None:

@@ -1,6 +1,7 @@
 """Held-out evaluation: does the policy prefer the better images more than the reference does?
 
-Per group, over ``draws`` shared (t, eps) draws (TOYWORLD.md's protocol), summed per image:
+Per group, over ``draws`` shared (t, eps) draws (the toy world's protocol, docs/toy-world.md), summed
+per image:
 
     implicit_i = sum_d [ L_theta(x_i) - L_ref(x_i) ]     (lower = the policy likes x_i more than the reference)
     policy_i   = sum_d L_theta(x_i) / draws              (reference-free: MaPO's held-out margin L_l - L_w)

@@ -1,6 +1,7 @@
 """Online methods: the policy samples its own images, a reward orders them, the loss sees log-probs.
 
-Online PSO (METHODS.md): per prompt, two few-step samples from the *current* policy (no
+Online PSO (Miao et al., 2024, "Tuning Timestep-Distilled Diffusion Model Using Pairwise
+Sample Optimization"): per prompt, two few-step samples from the *current* policy (no
 gradient), decoded and scored by ``reward(images, prompts) -> scores``; the winner goes
 first. Then every stochastic transition of both chains is re-scored under the policy
 (with gradient) and the reference (without), and the Objective gets their negative

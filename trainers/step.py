@@ -1,6 +1,8 @@
 """One training step's forward: encoded groups -> per-sample errors -> Objective.
 
-Groups of K images share one noise draw and one timestep (METHODS.md). The K
+Groups of K images share one noise draw and one timestep, as in Diffusion-DPO (Wallace et al.,
+2023, "Diffusion Model Alignment Using Direct Preference Optimization"), so a group's
+errors differ only by its images. The K
 images of all G groups go through the network as one batch laid out K-major,
 ``[w_1..w_G, l_1..l_G]`` for pairs, and the errors come back as ``[G, K]``.
 """

@@ -3,7 +3,8 @@
 A Backbone adapts a model family to what the training loop needs: prompts ->
 conditioning tensors, images -> latents, and one prediction call. SDXL's
 pooled embeddings and time ids and SD3's joint embeddings stay inside the
-adapters; the loop never asks which family it runs (STYLE.md, principle 3).
+adapters; the loop never asks which family it runs, so adding a family means adding
+one adapter, not a branch in every caller.
 Conditioning is a flat ``dict[str, Tensor]`` with the batch first, so it can
 be cached to safetensors, indexed and concatenated without knowing its keys.
 """

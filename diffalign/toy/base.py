@@ -2,11 +2,12 @@
 
 Why: DPO needs a reference whose denoising errors already depend on the
 caption; from a random UNet it learns only low-level noise statistics
-(TOYWORLD.md: held-out accuracy 0.47-0.63, LoRA at chance). So the base is
-(1) a tiny VAE fitted to reconstruct toy images (so samples can be decoded and
-looked at), then (2) the UNet trained briefly with the ordinary denoising loss
-on winner images and their captions (10% empty captions, so classifier-free
-guidance has an unconditional model). This is pretraining of the toy world,
+(in the toy world's prototype, held-out accuracy stayed at 0.47-0.63 and LoRA
+at chance; docs/toy-world.md). So the base is (1) a tiny VAE fitted to
+reconstruct toy images (so samples can be decoded and looked at), then (2) the
+UNet trained briefly with the ordinary denoising loss on winner images and their
+captions (10% empty captions, so classifier-free guidance has an unconditional
+model). This is pretraining of the toy world,
 not an alignment method: alignment runs through ``diffalign.trainers``.
 
 The result is a plain diffusers folder, cached under a key derived from the

@@ -4,7 +4,7 @@ An Objective never sees a model, a batch or the config namespace: it gets the
 policy's and (if it needs one) the reference's per-sample denoising errors,
 arranged ``[G, K]`` (G groups, K images per group, best first), and returns a
 scalar loss plus metrics. That makes every method testable with hand-computed
-numbers (STYLE.md, principle 1).
+numbers, with no model in the test.
 """
 
 from __future__ import annotations

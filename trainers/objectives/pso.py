@@ -7,8 +7,9 @@ the initial distilled model with its own few-step sampler), on shared eps and t:
     reference variant:  loss = -log sigmoid( β [ (L_ref(w) - λ L_ref(l)) - (L_θ(w) - λ L_θ(l)) ] ),  λ = 0.1
     hinge variant:      loss = relu( L_θ(w) - λ L_θ(l) + margin ) + prior_weight · L_θ(l)   (no reference)
 
-The hinge variant's exact form is unverified (METHODS.md): we read "a reference-free hinge
-variant [that] adds 0.5 L_θ(l) as a prior term" as above; margin and prior weight are settings.
+The hinge variant's exact form is not checked against the paper's equations: we read "a
+reference-free hinge variant [that] adds 0.5 L_θ(l) as a prior term" as above; margin and prior
+weight are settings.
 
 Online (``pso-online``): two few-step samples per prompt from the current policy, a reward
 picks the winner, and per stochastic transition k of each sample the log-ratio
