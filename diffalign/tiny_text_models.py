@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from diffalign.atomic import staged_folder
-from diffalign.perturb import ATTRIBUTE_LEXICON
+from diffalign.captioning.perturb import ATTRIBUTE_LEXICON
 from diffalign.tiny_tokenizer import TOY_WORDS
 
 if TYPE_CHECKING:

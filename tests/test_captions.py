@@ -23,8 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 from diffalign.apps.captions_cli import add_captions_parser
 
-from diffalign.caption_io import CaptionStats, add_dual_captions
-from diffalign.captions import (
+from diffalign.captioning.dataset import CaptionStats, add_dual_captions
+from diffalign.captioning.perturb import (
+    ATTRIBUTE_LEXICON,
+    RulePerturber,
+    perturb_with_rules,
+    row_rng,
+)
+from diffalign.captioning.strategies import (
     CaptionSettings,
     DualCaption,
     ImageCaptioner,
@@ -34,12 +40,6 @@ from diffalign.captions import (
     register_strategy,
 )
 from diffalign.data import SkipReport, decode_image, open_preference_source
-from diffalign.perturb import (
-    ATTRIBUTE_LEXICON,
-    RulePerturber,
-    perturb_with_rules,
-    row_rng,
-)
 from diffalign.tiny_text_models import save_tiny_captioner, save_tiny_paraphraser
 from diffalign.toy.world import make_pairs
 
@@ -251,17 +251,6 @@ def test_strategy_registry_rejects_unknown_names_and_missing_models() -> None:
         build_strategy("hybrid", CaptionSettings())
     with pytest.raises(ValueError, match="level"):
         CaptionSettings(level="extreme")
-
-
-def test_dataset_names_are_still_importable_from_captions() -> None:
-    """add_dual_captions/CaptionStats live in caption_io; diffalign.captions re-exports them lazily, nothing else."""
-    import diffalign.caption_io as caption_io
-    import diffalign.captions as captions
-
-    assert captions.add_dual_captions is caption_io.add_dual_captions
-    assert captions.CaptionStats is caption_io.CaptionStats
-    with pytest.raises(AttributeError, match="no_such_name"):
-        captions.no_such_name  # noqa: B018
 
 
 def test_tiny_text_models_are_seeded_and_load_back(tmp_path: Path, models: dict[str, str]) -> None:

@@ -98,7 +98,8 @@ def test_dcpo_with_perturbed_loser_captions_raises_heldout_accuracy(toy_cache_ro
     wrong-colour loser -- colour and shape carry no signal: measured 0.44 and 0.51. Both images then
     match their own captions, so DCPO has nothing to prefer.)
     """
-    from diffalign.captions import CaptionSettings, add_dual_captions
+    from diffalign.captioning.dataset import add_dual_captions
+    from diffalign.captioning.strategies import CaptionSettings
 
     data_dir = tmp_path_factory.mktemp("dual")
     settings = CaptionSettings(perturb_model="rules", level="weak")

@@ -1,12 +1,10 @@
 """Dual-caption datasets: run a caption strategy over a pairs file and write the captions beside each row.
 
-Why a module of its own: the strategies (:mod:`diffalign.captions`) only turn
-pairs into captions; reading Pick-a-Pic parquet (a file or a folder of
-shards) or a JSONL manifest, streaming it in batches, recording dropped rows
-and writing the result atomically is dataset plumbing that no strategy needs.
-This module imports the strategies, never the reverse, so there is no import
-cycle; :mod:`diffalign.captions` re-exports :func:`add_dual_captions` and
-:class:`CaptionStats` lazily for callers that import them from there.
+Why a module of its own: the strategies (:mod:`diffalign.captioning.strategies`)
+only turn pairs into captions; reading Pick-a-Pic parquet (a file or a folder
+of shards) or a JSONL manifest, streaming it in batches, recording dropped
+rows and writing the result atomically is dataset plumbing that no strategy
+needs. This module imports the strategies, never the reverse.
 
 :func:`add_dual_captions` writes the rows plus ``caption_0``/``caption_1``
 (JSONL: ``chosen_caption``/``rejected_caption``).
@@ -24,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffalign.atomic import staged_file, staged_folder
-from diffalign.captions import CaptionSettings, CaptionStrategy, PairToCaption, build_strategy
+from diffalign.captioning.strategies import CaptionSettings, CaptionStrategy, PairToCaption, build_strategy
 from diffalign.data.images import decode_image
 from diffalign.data.jsonl import parse_pair_line
 from diffalign.data.pickapic import (
@@ -40,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CaptionStats", "add_dual_captions"]
 
-# The name it logged under before the split, so existing log filters keep matching.
+# Named after the `diffalign captions` command whose progress it reports.
 logger = logging.getLogger("diffalign.captions")
 
 

@@ -4,7 +4,7 @@ DCPO (METHODS.md) conditions the winner on ``z_w`` and the loser on ``z_l``.
 A :class:`CaptionStrategy` makes both captions for a batch of pairs:
 
 * ``perturb`` -- the winner keeps the prompt, the loser gets the prompt
-  perturbed (:mod:`diffalign.perturb`: offline rules or a text2text model);
+  perturbed (:mod:`diffalign.captioning.perturb`: offline rules or a text2text model);
 * ``caption`` -- an image-to-text model captions each image (optionally
   continuing the prompt as a text prefix);
 * ``hybrid``  -- caption both images, then perturb the loser's caption
@@ -12,20 +12,17 @@ A :class:`CaptionStrategy` makes both captions for a batch of pairs:
 
 Strategies are built by name through a registry (:func:`build_strategy`);
 an unknown name raises, listing the valid ones.
-:func:`diffalign.caption_io.add_dual_captions` runs one over a Pick-a-Pic
-parquet file (or folder of shards) or a JSONL manifest, streaming, and writes
-the rows plus ``caption_0``/``caption_1`` (JSONL:
-``chosen_caption``/``rejected_caption``) atomically; it and
-:class:`~diffalign.caption_io.CaptionStats` are still importable from here.
+:func:`diffalign.captioning.dataset.add_dual_captions` runs one over a
+Pick-a-Pic parquet file (or folder of shards) or a JSONL manifest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from diffalign.perturb import (
+from diffalign.captioning.perturb import (
     Perturber,
     check_level,
     clean_text,
@@ -38,11 +35,8 @@ if TYPE_CHECKING:
     import PIL.Image
     import torch
 
-    from diffalign.caption_io import CaptionStats, add_dual_captions  # re-exported lazily, see __getattr__
-
 __all__ = [
     "CaptionSettings",
-    "CaptionStats",
     "CaptionStrategy",
     "DualCaption",
     "HybridStrategy",
@@ -51,7 +45,6 @@ __all__ = [
     "PairToCaption",
     "PerturbStrategy",
     "StrategyBuilder",
-    "add_dual_captions",
     "available_strategies",
     "build_strategy",
     "register_strategy",
@@ -338,12 +331,3 @@ def _captioner(s: CaptionSettings, strategy: str) -> ImageCaptioner:
 register_strategy("perturb", lambda s: PerturbStrategy(_perturber(s)))
 register_strategy("caption", lambda s: ModelCaptionStrategy(_captioner(s, "caption")))
 register_strategy("hybrid", lambda s: HybridStrategy(_captioner(s, "hybrid"), _perturber(s)))
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy re-export of :mod:`diffalign.caption_io` (which imports this module, so a top-level import would cycle)."""
-    if name in ("CaptionStats", "add_dual_captions"):
-        from diffalign import caption_io
-
-        return getattr(caption_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
