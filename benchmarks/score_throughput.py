@@ -71,7 +71,7 @@ def write_images(folder: Path, n: int, size: int, seed: int = 0) -> Path:
     """``n`` smooth random RGB JPEGs (upsampled 8x8 noise, like a generated image compresses) + sidecar prompts."""
     from PIL import Image
 
-    from diffalign.tiny_tokenizer import TOY_WORDS
+    from diffalign.tiny import TOY_WORDS
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)

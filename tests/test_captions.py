@@ -1,7 +1,7 @@
 """Tests for the DCPO caption builder: rule perturbation, strategies, dataset I/O and ``diffalign captions``.
 
 The paraphraser and captioner are tiny random models built in code and saved
-in Hugging Face format (diffalign.tiny_text_models); any network connection
+in Hugging Face format (diffalign.tiny.text_models); any network connection
 attempted during a test fails it.
 """
 
@@ -40,7 +40,7 @@ from diffalign.captioning.strategies import (
     register_strategy,
 )
 from diffalign.data import SkipReport, decode_image, open_preference_source
-from diffalign.tiny_text_models import save_tiny_captioner, save_tiny_paraphraser
+from diffalign.tiny import save_tiny_captioner, save_tiny_paraphraser
 from diffalign.toy.world import make_pairs
 
 _KIND = {word: kind for kind, words in ATTRIBUTE_LEXICON.items() for word in words}

@@ -27,7 +27,7 @@ from diffalign.scorers.hps import (
 )
 from PIL import Image
 
-from diffalign.tiny_tokenizer import TOY_VOCAB_SIZE, build_tokenizer
+from diffalign.tiny import TOY_VOCAB_SIZE, build_tokenizer
 
 SIZE, PATCH, WIDTH, LAYERS, EMBED, CONTEXT = 32, 8, 32, 2, 16, 77
 VISION_HEADS, TEXT_HEADS = 4, 4

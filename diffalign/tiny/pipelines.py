@@ -24,21 +24,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-# The local CLIP tokenizer lives in diffalign.tiny_tokenizer; re-exported here.
 from diffalign.atomic import staged_folder
-from diffalign.tiny_tokenizer import (  # noqa: F401
-    BOS_TOKEN,
-    BOS_TOKEN_ID,
-    END_OF_WORD,
-    EOS_TOKEN,
-    EOS_TOKEN_ID,
-    TOY_VOCAB_SIZE,
-    TOY_WORDS,
-    _apply_bpe,
-    _bytes_to_unicode,
-    _vocab_and_merges,
-    build_tokenizer,
-)
+from diffalign.tiny.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, TOY_VOCAB_SIZE, build_tokenizer
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `import diffalign.tiny` must be cheap
     from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
@@ -47,19 +34,15 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `import diffalign.tiny` must be ch
 __all__ = [
     "Family",
     "FAMILIES",
-    "TOY_WORDS",
-    "TOY_VOCAB_SIZE",
-    "BOS_TOKEN",
-    "EOS_TOKEN",
-    "BOS_TOKEN_ID",
-    "EOS_TOKEN_ID",
-    "build_tokenizer",
+    "SDXL_TIME_EMBED_DIM",
+    "TEXT_HIDDEN_SIZE",
     "build_text_encoder",
     "build_vae",
     "build_unet",
     "build_transformer_sd3",
     "build_pipeline",
     "save_pipeline",
+    "save_clip",
 ]
 
 Family = Literal["sd15", "sd2", "sdxl", "sd3"]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from diffalign.atomic import staged_folder
 from diffalign.captioning.perturb import ATTRIBUTE_LEXICON
-from diffalign.tiny_tokenizer import TOY_WORDS
+from diffalign.tiny.tokenizer import TOY_WORDS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -1,6 +1,6 @@
 """A CLIP-style byte-level BPE tokenizer generated locally, for the tiny pipelines.
 
-:mod:`diffalign.tiny` builds its pipelines with :func:`build_tokenizer`; the
+:mod:`diffalign.tiny.pipelines` builds its pipelines with :func:`build_tokenizer`; the
 vocabulary is small (256 byte characters, their ``</w>`` forms, one merged
 token per word in TOY_WORDS, then BOS/EOS) and needs no hub download.
 """

@@ -1,0 +1,64 @@
+"""Tiny random-weight models shaped like the real ones, built in code so tests and the quickstart need no hub.
+
+* :mod:`~diffalign.tiny.pipelines` -- SD 1.5 / SD 2.1 / SDXL / SD3 pipelines and a CLIP scorer backbone;
+* :mod:`~diffalign.tiny.tokenizer` -- the local CLIP-style BPE tokenizer they share;
+* :mod:`~diffalign.tiny.text_models` -- a T5 paraphraser and a BLIP captioner for the caption strategies.
+
+Callers import from here; the modules are split only by what they build.
+"""
+
+from diffalign.tiny.pipelines import (
+    FAMILIES,
+    SDXL_TIME_EMBED_DIM,
+    TEXT_HIDDEN_SIZE,
+    Family,
+    build_pipeline,
+    build_text_encoder,
+    build_transformer_sd3,
+    build_unet,
+    build_vae,
+    save_clip,
+    save_pipeline,
+)
+from diffalign.tiny.text_models import (
+    TINY_TEXT_WORDS,
+    build_word_tokenizer,
+    save_tiny_captioner,
+    save_tiny_paraphraser,
+)
+from diffalign.tiny.tokenizer import (
+    BOS_TOKEN,
+    BOS_TOKEN_ID,
+    END_OF_WORD,
+    EOS_TOKEN,
+    EOS_TOKEN_ID,
+    TOY_VOCAB_SIZE,
+    TOY_WORDS,
+    build_tokenizer,
+)
+
+__all__ = [
+    "BOS_TOKEN",
+    "BOS_TOKEN_ID",
+    "END_OF_WORD",
+    "EOS_TOKEN",
+    "EOS_TOKEN_ID",
+    "FAMILIES",
+    "Family",
+    "SDXL_TIME_EMBED_DIM",
+    "TEXT_HIDDEN_SIZE",
+    "TINY_TEXT_WORDS",
+    "TOY_VOCAB_SIZE",
+    "TOY_WORDS",
+    "build_pipeline",
+    "build_text_encoder",
+    "build_tokenizer",
+    "build_transformer_sd3",
+    "build_unet",
+    "build_vae",
+    "build_word_tokenizer",
+    "save_clip",
+    "save_pipeline",
+    "save_tiny_captioner",
+    "save_tiny_paraphraser",
+]
