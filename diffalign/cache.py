@@ -32,7 +32,7 @@ from diffalign.data import (
     PreferenceDataset,
     SkipReport,
     collate_groups,
-    open_preference_source,
+    open_source,
 )
 from diffalign.data.captioned import rows_with_captions
 from diffalign.data.dataset import Key
@@ -78,12 +78,6 @@ def cache_key(model: ModelConfig, data: DataConfig, data_fingerprint: str, requi
     if require_captions:  # absent otherwise, so caches built before this option stay valid
         key["captioned_rows_only"] = True
     return key
-
-
-def open_source(data: DataConfig, report: SkipReport):
-    return open_preference_source(
-        data.path, format=data.format, split=data.split, drop_ties=data.drop_ties, max_rows=data.max_rows, report=report
-    )
 
 
 def build_cache(

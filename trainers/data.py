@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from diffalign.backbones import Backbone
-from diffalign.cache import CachedGroupsDataset, check_cache, collate_cached, open_source
+from diffalign.cache import CachedGroupsDataset, check_cache, collate_cached
 from diffalign.config import ConfigError
-from diffalign.data import EpochBatchSampler, GroupTransform, PreferenceDataset, SkipReport, collate_groups, derive_seed
+from diffalign.data import EpochBatchSampler, GroupTransform, PreferenceDataset, SkipReport, collate_groups, derive_seed, open_source
 from diffalign.data.captioned import rows_with_captions
 from diffalign.data.prompts import PromptDataset, PromptSource, collate_prompts
 

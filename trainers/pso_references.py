@@ -19,8 +19,8 @@ import torch
 
 from diffalign.atomic import staged_folder
 from diffalign.backbones import Backbone
-from diffalign.cache import model_fingerprint, open_source
-from diffalign.data import BadRowError, SkipReport, derive_seed
+from diffalign.cache import model_fingerprint
+from diffalign.data import BadRowError, SkipReport, derive_seed, open_source
 from diffalign.fingerprint import fingerprint
 from diffalign.sampling import generate_images, to_pil
 

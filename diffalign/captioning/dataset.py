@@ -25,11 +25,8 @@ from diffalign.atomic import staged_file, staged_folder
 from diffalign.captioning.strategies import CaptionSettings, CaptionStrategy, PairToCaption, build_strategy
 from diffalign.data.images import decode_image
 from diffalign.data.jsonl import parse_pair_line
-from diffalign.data.pickapic import (
-    _LABEL_REASON,
-    _check_parquet_schemas,
-    _image_payload,
-)
+from diffalign.data.parquet import image_payload
+from diffalign.data.pickapic import LABEL_REASON, check_pickapic_schemas
 from diffalign.data.report import SkipReport
 from diffalign.data.types import BadRowError
 
@@ -123,7 +120,7 @@ class _Captioning:
 
 def _decode(payload: Any, row_id: str, source: str) -> PIL.Image.Image:
     """A JSONL row holds paths, a parquet row bytes (or a datasets ``{"bytes", "path"}`` struct)."""
-    data = payload if isinstance(payload, Path) else _image_payload(payload, row_id, source)
+    data = payload if isinstance(payload, Path) else image_payload(payload, row_id, source)
     return decode_image(data, row_id=row_id, source=source)
 
 
@@ -164,7 +161,7 @@ def add_dual_captions(
     if kind == "folder" and not files:
         raise FileNotFoundError(f"{src}: folder contains no .parquet files (searched recursively)")
     if kind != "jsonl":
-        _check_parquet_schemas(files)  # a missing column fails now, before any model loads
+        check_pickapic_schemas(files)  # a missing column fails now, before any model loads
     chosen = build_strategy(strategy, settings) if isinstance(strategy, str) else strategy
     report = report if report is not None else SkipReport()
     run = _Captioning(chosen, seed, report, stats if stats is not None else CaptionStats())
@@ -255,7 +252,7 @@ def _parquet_rows(table: Any, label: str, offset: int, report: SkipReport) -> tu
         a, b = float(l0[j]), (1.0 - float(l0[j]) if l1 is None else float(l1[j]))
         if not (a in (0.0, 0.5, 1.0) and math.isfinite(b) and abs(a + b - 1.0) <= 1e-6):
             detail = f"label_0={a}" + (f", label_1={b}" if l1 is not None else "")
-            report.record(label, row_id, f"{_LABEL_REASON}: {detail}")
+            report.record(label, row_id, f"{LABEL_REASON}: {detail}")
         elif not (isinstance(prompts[j], str) and prompts[j].strip()):
             report.record(label, row_id, "missing caption: 'caption' is empty or null")
         else:

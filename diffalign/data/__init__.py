@@ -20,15 +20,12 @@ from diffalign.data.dataset import (
     derive_seed,
 )
 from diffalign.data.images import decode_image, to_rgb
+from diffalign.data.jsonl import JsonlSource
+from diffalign.data.parquet import select_split_files
+from diffalign.data.pickapic import PickapicSource
+from diffalign.data.ranked import RankedSource
 from diffalign.data.report import SkippedRow, SkipReport
-from diffalign.data.sources import (
-    JsonlSource,
-    PickapicSource,
-    PreferenceSource,
-    RankedSource,
-    open_preference_source,
-    select_split_files,
-)
+from diffalign.data.sources import PreferenceSource, open_preference_source, open_source
 from diffalign.data.transforms import GroupPixels, GroupTransform
 from diffalign.data.types import BadRowError, PreferenceGroup
 
@@ -49,6 +46,7 @@ __all__ = [
     "decode_image",
     "derive_seed",
     "open_preference_source",
+    "open_source",
     "select_split_files",
     "to_rgb",
 ]

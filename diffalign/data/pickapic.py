@@ -19,8 +19,16 @@ import numpy as np
 
 from diffalign.data.common import READER_VERSION, check_index, stat_entry
 from diffalign.data.images import decode_image
+from diffalign.data.parquet import (
+    CHUNK_ROWS,
+    image_payload,
+    is_save_to_disk,
+    pick_split,
+    select_split_files,
+    undecoded_images,
+)
 from diffalign.data.report import SkipReport
-from diffalign.data.types import BadRowError, PreferenceGroup
+from diffalign.data.types import PreferenceGroup
 from diffalign.fingerprint import fingerprint
 
 if TYPE_CHECKING:
@@ -28,10 +36,12 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 __all__ = [
-    "PickapicSource",
-    "pickapic_core_fields",
-    "select_split_files",
+    "LABEL_REASON",
     "PICKAPIC_REQUIRED_COLUMNS",
+    "PickapicSource",
+    "check_pickapic_schemas",
+    "open_pickapic",
+    "pickapic_core_fields",
 ]
 
 PICKAPIC_REQUIRED_COLUMNS: tuple[str, ...] = ("jpg_0", "jpg_1", "label_0", "caption")
@@ -52,10 +62,9 @@ def pickapic_core_fields() -> list[tuple[str, Any]]:
     ]
 
 
-_KNOWN_SPLIT = re.compile(r"^(train|test|validation|valid|val|dev|eval)(_[a-z0-9]+)?$", re.IGNORECASE)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_CHUNK_ROWS = 65_536
-_LABEL_REASON = "label out of {0, 0.5, 1}"
+# The reason recorded for a row whose label is not a win, loss or tie (the dual-caption writer records it too).
+LABEL_REASON = "label out of {0, 0.5, 1}"
 
 
 @dataclass
@@ -107,7 +116,7 @@ class PickapicSource:
                 "per-image captions need both caption_0 and caption_1"
             )
         self._models = all(c in columns for c in ("model_0", "model_1"))
-        ds = _undecoded_images(ds)
+        ds = undecoded_images(ds, ("jpg_0", "jpg_1"))
 
         load_cols = ["jpg_0", "jpg_1", "caption", *self._caption_pair]
         if self._models:
@@ -139,10 +148,10 @@ class PickapicSource:
         label_parts: list[np.ndarray] = []
         n_kept = 0
         n_rows = len(ds)
-        for start in range(0, n_rows, _CHUNK_ROWS):
+        for start in range(0, n_rows, CHUNK_ROWS):
             if max_rows is not None and n_kept >= max_rows:
                 break
-            table: pa.Table = small[start : start + _CHUNK_ROWS]
+            table: pa.Table = small[start : start + CHUNK_ROWS]
             l0 = self._float_column(table, "label_0")
             l1 = self._float_column(table, "label_1") if self._has_label_1 else 1.0 - l0
             with np.errstate(invalid="ignore"):
@@ -169,7 +178,7 @@ class PickapicSource:
                 for j in bad.tolist():
                     if not label_ok[j]:
                         detail = f"label_0={float(l0[j])}" + (f", label_1={float(l1[j])}" if self._has_label_1 else "")
-                        reason = f"{_LABEL_REASON}: {detail}"
+                        reason = f"{LABEL_REASON}: {detail}"
                     elif not caption_ok[j]:
                         reason = "missing caption"
                     else:
@@ -237,7 +246,7 @@ class PickapicSource:
         rid = self.row_id(index)
         l0, l1 = (float(x) for x in self._labels[index])
         order = [1, 0] if l0 == 0.0 else [0, 1]
-        images = [decode_image(_image_payload(row[f"jpg_{i}"], rid, self.name), row_id=rid, source=self.name) for i in order]
+        images = [decode_image(image_payload(row[f"jpg_{i}"], rid, self.name), row_id=rid, source=self.name) for i in order]
         captions = [row[f"caption_{i}"] for i in order] if self._caption_pair else None
         models = None
         if self._models and row["model_0"] is not None and row["model_1"] is not None:
@@ -263,60 +272,7 @@ class PickapicSource:
         return f"PickapicSource(name={self.name!r}, rows={len(self)}, drop_ties={self.drop_ties})"
 
 
-def _undecoded_images(ds: datasets.Dataset) -> datasets.Dataset:
-    """Make image columns yield bytes: some Hub copies type them as ``Image()``."""
-    import datasets
-
-    for col in ("jpg_0", "jpg_1"):
-        feature = ds.features.get(col)
-        if isinstance(feature, datasets.Image) and feature.decode:
-            ds = ds.cast_column(col, datasets.Image(decode=False))
-    return ds
-
-
-def _image_payload(value: Any, row_id: str, source: str) -> bytes | str:
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
-        if value.get("bytes"):
-            return bytes(value["bytes"])
-        if value.get("path"):
-            return str(value["path"])
-    if value is None:
-        raise BadRowError(source, row_id, "undecodable image: image cell is empty (null)")
-    raise BadRowError(source, row_id, f"undecodable image: unexpected cell type {type(value).__name__}")
-
-
 # -- locating Pick-a-Pic data ---------------------------------------------------
-
-
-def _split_labels(rel: Path) -> set[str]:
-    """Names that may mark a parquet file's split: its folders, its stem, its stem before '-'."""
-    stem = rel.name[: -len(".parquet")]
-    return {*rel.parts[:-1], stem, stem.split("-", 1)[0]}
-
-
-def select_split_files(root: Path, split: str) -> list[Path]:
-    """Parquet files under ``root`` (recursive) that belong to ``split``.
-
-    A file belongs to a split when the split's name is one of its folders
-    (``train/x.parquet``), its stem, or its stem's prefix before ``-``
-    (``train-00000-of-00010.parquet``, the Hub's layout). When no file names
-    the split and no file names any split, all files are one unnamed split.
-    """
-    files = sorted(p for p in root.rglob("*.parquet") if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"{root}: directory contains no .parquet files (searched recursively)")
-    rels = [p.relative_to(root) for p in files]
-    chosen = [f for f, r in zip(files, rels) if split in _split_labels(r)]
-    if chosen:
-        return chosen
-    found = sorted({lab for r in rels for lab in _split_labels(r) if _KNOWN_SPLIT.match(lab)})
-    if found:
-        raise FileNotFoundError(
-            f"{root}: no parquet files for split {split!r}; splits found: {found}"
-        )
-    return files
 
 
 def _check_columns(columns: set[str], where: str) -> None:
@@ -329,7 +285,8 @@ def _check_columns(columns: set[str], where: str) -> None:
         )
 
 
-def _check_parquet_schemas(files: Sequence[Path]) -> None:
+def check_pickapic_schemas(files: Sequence[Path]) -> None:
+    """Every parquet file has Pick-a-Pic's required columns: read from the footers, before any row."""
     import pyarrow.parquet as pq
 
     for f in files:
@@ -342,7 +299,7 @@ def _open_parquet(
     import datasets
     import pyarrow.parquet as pq
 
-    _check_parquet_schemas(files)
+    check_pickapic_schemas(files)
     rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
     ds = datasets.load_dataset(
         "parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
@@ -361,28 +318,11 @@ def _open_parquet(
     )
 
 
-def _pick_split(obj: Any, split: str, where: str) -> datasets.Dataset:
-    import datasets
-
-    if isinstance(obj, datasets.DatasetDict):
-        if split not in obj:
-            raise KeyError(f"{where}: no split {split!r}; splits present: {sorted(obj)}")
-        return obj[split]
-    if isinstance(obj, datasets.Dataset):
-        return obj
-    raise TypeError(f"{where}: expected a datasets Dataset or DatasetDict, got {type(obj).__name__}")
-
-
-def _is_save_to_disk(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (
-        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
-    )
-
-
-def _open_pickapic(
+def open_pickapic(
     path: str, split: str, drop_ties: bool, max_rows: int | None, report: SkipReport,
     cache_dir: str | None, options: dict[str, Any],
 ) -> PickapicSource:
+    """Pick-a-Pic pairs from a parquet file or folder, a ``save_to_disk`` folder or a Hub id (in that order)."""
     import datasets
 
     p = Path(path).expanduser()
@@ -392,8 +332,8 @@ def _open_pickapic(
         ds, origin = _open_parquet([p], p, cache_dir)
         name = p.name
     elif p.is_dir():
-        if _is_save_to_disk(p):
-            ds = _pick_split(datasets.load_from_disk(str(p)), split, str(p))
+        if is_save_to_disk(p):
+            ds = pick_split(datasets.load_from_disk(str(p)), split, str(p))
             _check_columns(set(ds.column_names), str(p))
             files = sorted(q for q in p.rglob("*") if q.is_file())
             name = p.name
@@ -405,7 +345,7 @@ def _open_pickapic(
             name = p.name if len(files) > 1 else files[0].name
     elif _HUB_ID.match(path) and not p.exists():
         try:
-            ds = _pick_split(datasets.load_dataset(path, split=split, cache_dir=cache_dir), split, path)
+            ds = pick_split(datasets.load_dataset(path, split=split, cache_dir=cache_dir), split, path)
         except Exception as exc:
             raise FileNotFoundError(
                 f"{path!r}: no such local file or directory, and loading it as a Hub dataset "

@@ -27,13 +27,13 @@ import numpy as np
 
 from diffalign.data.common import READER_VERSION, check_index, stat_entry
 from diffalign.data.images import decode_image
-from diffalign.data.pickapic import _is_save_to_disk, select_split_files
+from diffalign.data.parquet import is_save_to_disk, select_split_files
 from diffalign.data.ranked_layout import (
     RANKED_REQUIRED_COLUMNS,
-    _Gate,
-    _JsonlLayout,
-    _ParquetLayout,
-    _parquet_files,
+    JsonlLayout,
+    ParquetLayout,
+    RowGate,
+    ranked_parquet_files,
 )
 from diffalign.data.report import SkipReport
 from diffalign.data.types import PreferenceGroup
@@ -76,7 +76,7 @@ class RankedSource:
         self.drop_ties = drop_ties
         options: dict[str, Any] = {"group_size": group_size, "drop_ties": drop_ties, "max_rows": max_rows}
         hasher = hashlib.sha256()
-        self._layout: _JsonlLayout | _ParquetLayout
+        self._layout: JsonlLayout | ParquetLayout
         if p.suffix == ".jsonl":
             if not p.is_file():
                 raise FileNotFoundError(
@@ -86,15 +86,15 @@ class RankedSource:
             self.name = p.name
             data: list[Any] = [stat_entry(p)]
             hasher.update(_header(data, options))
-            self._layout = _JsonlLayout(p, _Gate(self.name, group_size, drop_ties), hasher, max_rows, report)
+            self._layout = JsonlLayout(p, RowGate(self.name, group_size, drop_ties), hasher, max_rows, report)
         else:
-            files, root = _parquet_files(p, split)
+            files, root = ranked_parquet_files(p, split)
             self.name = p.name if len(files) > 1 else files[0].name
             options["split"] = split
             hasher.update(_header([stat_entry(f) for f in files], options))
             cache = os.fspath(cache_dir) if cache_dir is not None else None
-            gate = _Gate(self.name, group_size, drop_ties)
-            self._layout = _ParquetLayout(files, root, gate, hasher, cache, max_rows, report)
+            gate = RowGate(self.name, group_size, drop_ties)
+            self._layout = ParquetLayout(files, root, gate, hasher, cache, max_rows, report)
         scores = self._layout.scores
         k = len(scores[0]) if len(scores) else 0
         self._scores = np.asarray(scores, dtype=np.float64).reshape(len(self._layout), k)  # [n, k], file order
@@ -158,7 +158,7 @@ def looks_ranked(p: Path, split: str) -> bool:
 
         if p.is_file() and p.suffix == ".parquet":
             first_file = p
-        elif p.is_dir() and not _is_save_to_disk(p):
+        elif p.is_dir() and not is_save_to_disk(p):
             first_file = select_split_files(p, split)[0]
         else:
             return False

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffalign.data.common import json_object, stat_entry
-from diffalign.data.pickapic import (
-    _CHUNK_ROWS,
-    _image_payload,
-    _is_save_to_disk,
+from diffalign.data.parquet import (
+    CHUNK_ROWS,
+    image_payload,
+    is_save_to_disk,
     select_split_files,
+    undecoded_images,
 )
 from diffalign.data.report import SkipReport
 from diffalign.data.types import BadRowError
@@ -33,13 +34,13 @@ if TYPE_CHECKING:
     import datasets
     import pyarrow as pa
 
-__all__ = ["RANKED_REQUIRED_COLUMNS"]
+__all__ = ["RANKED_REQUIRED_COLUMNS", "JsonlLayout", "ParquetLayout", "RowGate", "ranked_parquet_files"]
 
 RANKED_REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "images", "scores")
 _ID_COLUMNS = ("id", "ranking_id")  # first present one names the rows
 
 
-class _Gate:
+class RowGate:
     """Row checks shared by both layouts: value checks, one group size, ties."""
 
     def __init__(self, name: str, group_size: int | None, drop_ties: bool) -> None:
@@ -110,10 +111,10 @@ class _JsonlRow:
     models: tuple[str, ...] | None
 
 
-class _JsonlLayout:
+class JsonlLayout:
     """Rows of a JSONL file, kept in memory (paths and small values only)."""
 
-    def __init__(self, path: Path, gate: _Gate, hasher: Any, max_rows: int | None, report: SkipReport) -> None:
+    def __init__(self, path: Path, gate: RowGate, hasher: Any, max_rows: int | None, report: SkipReport) -> None:
         self.rows: list[_JsonlRow] = []
         self.scores: list[list[float]] = []
         self._name, self._base = gate.name, path.parent
@@ -136,7 +137,7 @@ class _JsonlLayout:
                 for s in stats:
                     hasher.update(json.dumps(s).encode())
 
-    def _parse(self, line: str, rid: str, gate: _Gate) -> tuple[_JsonlRow, list[float], list[list[Any]]]:
+    def _parse(self, line: str, rid: str, gate: RowGate) -> tuple[_JsonlRow, list[float], list[list[Any]]]:
         obj = json_object(line, rid, self._name)
         for key in RANKED_REQUIRED_COLUMNS:
             if key not in obj:
@@ -161,10 +162,10 @@ class _JsonlLayout:
         return r.prompt, list(r.images), list(r.models) if r.models is not None else None
 
 
-class _ParquetLayout:
+class ParquetLayout:
     """Rows of parquet files through ``datasets`` (memory-mapped Arrow); keeps only row indices."""
 
-    def __init__(self, files: list[Path], root: Path, gate: _Gate, hasher: Any, cache_dir: str | None,
+    def __init__(self, files: list[Path], root: Path, gate: RowGate, hasher: Any, cache_dir: str | None,
                  max_rows: int | None, report: SkipReport) -> None:
         import datasets
         import pyarrow.parquet as pq
@@ -176,7 +177,7 @@ class _ParquetLayout:
         ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
         if len(ds) != sum(rows):
             raise RuntimeError(f"{root}: datasets loaded {len(ds)} rows but the parquet footers say {sum(rows)}")
-        ds = _undecoded_images(ds)
+        ds = undecoded_images(ds, ("images",))
         columns = set(ds.column_names)
         self._labels = [f.name if f == root else str(f.relative_to(root)) for f in files]
         self._folders = [f.parent for f in files]
@@ -192,7 +193,7 @@ class _ParquetLayout:
         self.scores = np.concatenate(scores) if scores else np.zeros((0, 0))  # [n, k]
 
     def _scan(
-        self, ds: datasets.Dataset, gate: _Gate, hasher: Any, max_rows: int | None, report: SkipReport
+        self, ds: datasets.Dataset, gate: RowGate, hasher: Any, max_rows: int | None, report: SkipReport
     ) -> tuple[list[int], list[np.ndarray]]:
         """Check the small columns chunk by chunk; image bytes are never read (list lengths only)."""
         import pyarrow.compute as pc
@@ -202,9 +203,9 @@ class _ParquetLayout:
         small = ds.select_columns(cols).with_format("arrow")
         kept: list[int] = []
         score_parts: list[np.ndarray] = []  # one [m, k] array per chunk: no per-row Python lists kept
-        for start in range(0, len(ds), _CHUNK_ROWS):
+        for start in range(0, len(ds), CHUNK_ROWS):
             chunk_scores: list[list[float]] = []
-            table: pa.Table = small[start : start + _CHUNK_ROWS]
+            table: pa.Table = small[start : start + CHUNK_ROWS]
             images = table.column("images")
             lengths = pc.fill_null(pc.list_value_length(images), -1).to_numpy(zero_copy_only=False)
             prompts = table.column("prompt").to_pylist()
@@ -263,7 +264,7 @@ class _ParquetLayout:
         rid, base = self.row_id(index), self._folder(g)
         payloads: list[bytes | str | Path] = []
         for value in row["images"]:
-            payload = value if isinstance(value, str) else _image_payload(value, rid, self._name)
+            payload = value if isinstance(value, str) else image_payload(value, rid, self._name)
             if isinstance(payload, str):  # a path, relative to the parquet file's folder
                 payload = _resolve(payload, base, self._name, rid, len(payloads))
             payloads.append(payload)
@@ -295,24 +296,14 @@ def _check_ranked_schema(schema: pa.Schema, where: str) -> None:
         raise ValueError(f"{where}: column 'images' holds {t}, expected image bytes or path strings")
 
 
-def _undecoded_images(ds: datasets.Dataset) -> datasets.Dataset:
-    """Make a list-of-``Image()`` column yield bytes/paths (decoding happens in ``load``)."""
-    import datasets
-
-    feature = ds.features.get("images")
-    inner = getattr(feature, "feature", None)
-    if isinstance(inner, datasets.Image) and inner.decode:
-        ds = ds.cast_column("images", type(feature)(datasets.Image(decode=False)))
-    return ds
-
-
-def _parquet_files(p: Path, split: str) -> tuple[list[Path], Path]:
+def ranked_parquet_files(p: Path, split: str) -> tuple[list[Path], Path]:
+    """The parquet files of ``split`` at ``p`` (a file or a folder of shards) and the root their labels are relative to."""
     if p.is_file():
         if p.suffix != ".parquet":
             raise ValueError(f"{p}: ranked data must be a .parquet file, a folder of them, or a .jsonl file")
         return [p], p
     if p.is_dir():
-        if _is_save_to_disk(p):
+        if is_save_to_disk(p):
             raise ValueError(f"{p}: datasets.save_to_disk folders are not supported for ranked data; export parquet")
         return select_split_files(p, split), p
     raise FileNotFoundError(

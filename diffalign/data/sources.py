@@ -17,45 +17,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
-# Shared helpers and the readers live in their own modules; they are re-exported
-# here so that every name importable from this module before the split still is.
-from diffalign.data.images import decode_image  # noqa: F401
-from diffalign.data.jsonl import JsonlSource, _JsonlRow  # noqa: F401
-from diffalign.data.pickapic import (  # noqa: F401
-    _CHUNK_ROWS,
-    _HUB_ID,
-    _KNOWN_SPLIT,
-    _LABEL_REASON,
-    PICKAPIC_REQUIRED_COLUMNS,
-    PickapicSource,
-    _check_columns,
-    _check_parquet_schemas,
-    _image_payload,
-    _is_save_to_disk,
-    _open_parquet,
-    _open_pickapic,
-    _Origin,
-    _pick_split,
-    _split_labels,
-    _undecoded_images,
-    select_split_files,
-)
-from diffalign.data.ranked import RANKED_REQUIRED_COLUMNS, RankedSource, looks_ranked
+from diffalign.data.jsonl import JsonlSource
+from diffalign.data.pickapic import open_pickapic
+from diffalign.data.ranked import RankedSource, looks_ranked
 from diffalign.data.report import SkipReport
-from diffalign.data.types import BadRowError, PreferenceGroup  # noqa: F401
+from diffalign.data.types import PreferenceGroup
 
-__all__ = [
-    "PICKAPIC_REQUIRED_COLUMNS",
-    "RANKED_REQUIRED_COLUMNS",
-    "JsonlSource",
-    "PickapicSource",
-    "PreferenceSource",
-    "RankedSource",
-    "open_preference_source",
-    "select_split_files",
-]
+if TYPE_CHECKING:
+    from diffalign.config import DataConfig
+
+__all__ = ["PreferenceSource", "open_preference_source", "open_source"]
 
 Format = Literal["auto", "pickapic", "jsonl", "ranked"]
 
@@ -146,5 +119,16 @@ def open_preference_source(
         return JsonlSource(p, max_rows=max_rows, report=report, options=options)
     if fmt == "pickapic":
         options = {"format": "pickapic", "split": split, "drop_ties": drop_ties, "max_rows": max_rows}
-        return _open_pickapic(path_str, split, drop_ties, max_rows, report, cache, options)
+        return open_pickapic(path_str, split, drop_ties, max_rows, report, cache, options)
     raise ValueError(f"unknown format {format!r}; expected 'auto', 'pickapic', 'jsonl' or 'ranked'")
+
+
+def open_source(data: DataConfig, report: SkipReport) -> PreferenceSource:
+    """The preference source a config's ``data`` section names, opened with its reader options.
+
+    One place maps the config's fields onto :func:`open_preference_source`, so
+    the encoder cache, training and PSO's reference sampling open the same rows.
+    """
+    return open_preference_source(
+        data.path, format=data.format, split=data.split, drop_ties=data.drop_ties, max_rows=data.max_rows, report=report
+    )
