@@ -40,7 +40,6 @@ __all__ = [
 
 MANIFEST = MANIFEST_NAME
 _RECORD = "diffalign.json"  # trainers.export.RECORD_FILE; read here as plain JSON
-_DENOISERS = ("unet", "transformer")
 
 
 @dataclass(frozen=True)
@@ -108,13 +107,15 @@ def detect_trained(path: str | os.PathLike[str]) -> TrainedWeights:
     diffalign's ``final/`` layout (``trainers/export.py``): ``pytorch_lora_weights.safetensors``
     (LoRA) or ``unet/`` / ``transformer/`` (full), plus ``diffalign.json``.
     """
+    from diffalign.backbones import DENOISER_SUBFOLDERS
+
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (expected a LoRA or fine-tuned weights folder)")
     if not (folder / _RECORD).is_file() and (folder / "final" / _RECORD).is_file():
         folder = folder / "final"  # a run's output_dir
     record = json.loads((folder / _RECORD).read_text()) if (folder / _RECORD).is_file() else {}
-    for denoiser in _DENOISERS:
+    for denoiser in DENOISER_SUBFOLDERS:
         if (folder / denoiser / "config.json").is_file():
             return TrainedWeights("full", folder / denoiser, denoiser, record)
     config = folder / "config.json"

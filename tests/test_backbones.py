@@ -79,6 +79,25 @@ def test_load_backbone_picks_the_family(folders: dict[str, str], backbones: dict
     assert type(explicit) is CLASS_OF[family] and not explicit.has_encoders
 
 
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_each_lora_target_names_attention_projections_of_its_denoiser(backbones: dict, family: str) -> None:
+    """Every default LoRA target of the adapter matches a module of its own denoiser (peft fails only when
+    none matches, so one stale name would silently leave a projection untrained)."""
+    backbone = backbones[family]
+    names = [name for name, _ in backbone.denoiser.named_modules()]
+    for target in backbone.lora_target_modules:
+        assert any(name == target or name.endswith("." + target) for name in names), f"{family}: no module {target}"
+
+
+def test_denoiser_subfolder_comes_from_the_adapter() -> None:
+    from diffalign.backbones import DENOISER_SUBFOLDERS, denoiser_subfolder
+
+    assert [denoiser_subfolder(f) for f in ("sd", "sdxl", "sd3")] == ["unet", "unet", "transformer"]
+    assert DENOISER_SUBFOLDERS == ("unet", "transformer")
+    with pytest.raises(ValueError, match="unknown model family 'flux'"):
+        denoiser_subfolder("flux")
+
+
 def test_v_prediction_travels_from_the_folder(backbones: dict) -> None:
     assert backbones["sd15"].noise.prediction_type == "epsilon"
     assert backbones["sd2"].noise.prediction_type == "v_prediction"

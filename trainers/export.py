@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from diffalign.backbones import Backbone
+from diffalign.backbones import Backbone, denoiser_subfolder
 
 from diffalign.atomic import staged_folder
 
@@ -56,11 +56,10 @@ def load_trained_denoiser(final: str | Path, base_denoiser: nn.Module) -> nn.Mod
     final = Path(final)
     record = json.loads((final / RECORD_FILE).read_text())
     if record["mode"] == "full":
-        subfolder = "transformer" if record["family"] == "sd3" else "unet"
-        return type(base_denoiser).from_pretrained(str(final / subfolder))
+        return type(base_denoiser).from_pretrained(str(final / denoiser_subfolder(record["family"])))
     base_denoiser.load_lora_adapter(
         str(final),
-        prefix="transformer" if record["family"] == "sd3" else "unet",
+        prefix=denoiser_subfolder(record["family"]),
         weight_name="pytorch_lora_weights.safetensors",
     )
     return base_denoiser

@@ -18,23 +18,6 @@ from diffalign.backbones import Backbone, Conditioning
 
 from .config import LoraSection, TrainSection
 
-# The attention projections diffusers' own LoRA scripts adapt, per family.
-DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
-    "sd": ["to_k", "to_q", "to_v", "to_out.0"],
-    "sdxl": ["to_k", "to_q", "to_v", "to_out.0"],
-    "sd3": [
-        "attn.add_k_proj",
-        "attn.add_q_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "attn.to_k",
-        "attn.to_out.0",
-        "attn.to_q",
-        "attn.to_v",
-    ],
-}
-
-
 class Reference(Protocol):
     """Something that predicts like the frozen base model, without gradients."""
 
@@ -72,11 +55,11 @@ class FrozenCopyReference:
         return backbone.predict(self.network, noisy, timesteps, conditioning)
 
 
-def add_lora(network: nn.Module, family: str, section: LoraSection) -> None:
-    """Attach trainable LoRA adapters (peft) through diffusers' PeftAdapterMixin."""
+def add_lora(network: nn.Module, default_targets: tuple[str, ...], section: LoraSection) -> None:
+    """Attach trainable LoRA adapters (peft) through diffusers' PeftAdapterMixin; the family's targets unless the recipe names its own."""
     from peft import LoraConfig
 
-    targets = section.target_modules or DEFAULT_LORA_TARGETS[family]
+    targets = section.target_modules or list(default_targets)
     network.requires_grad_(False)
     network.add_adapter(
         LoraConfig(
@@ -104,7 +87,7 @@ def build_policy_and_reference(
     network = backbone.denoiser
     if mode == "lora":
         network.to(dtype=weight_dtype)
-        add_lora(network, backbone.family, lora)
+        add_lora(network, backbone.lora_target_modules, lora)
         return network, (AdaptersDisabledReference(network) if needs_reference else None)
     reference = FrozenCopyReference(copy.deepcopy(network).to(device, weight_dtype)) if needs_reference else None
     network.requires_grad_(True)

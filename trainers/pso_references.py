@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from diffalign.atomic import staged_folder
-from diffalign.backbones import Backbone
+from diffalign.backbones import DENOISER_SUBFOLDERS, Backbone
 from diffalign.cache import model_fingerprint
 from diffalign.data import BadRowError, SkipReport, derive_seed, open_source
 from diffalign.fingerprint import fingerprint
@@ -27,14 +27,11 @@ from diffalign.sampling import generate_images, to_pil
 from .config import TrainConfig
 
 MANIFEST = "pairs.jsonl"
-DENOISER_FOLDERS = ("unet", "transformer")
-
-
 def _weights_fingerprint(config: TrainConfig) -> str:
     """The encoders' fingerprint plus the denoiser's files: the reference images depend on both."""
     root = Path(config.model.path)
     stats: dict[str, Any] = {"encoders": model_fingerprint(config.model), "timestep_mode": config.model.timestep_mode}
-    for folder in DENOISER_FOLDERS:
+    for folder in DENOISER_SUBFOLDERS:
         for file in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
             stat = file.stat()
             stats[f"{folder}/{file.name}"] = (stat.st_size, stat.st_mtime_ns)

@@ -31,6 +31,15 @@ BACKBONES: dict[str, Any] = {
     "sdxl": StableDiffusionXLBackbone,
     "sd3": StableDiffusion3Backbone,
 }
+# Every folder a saved pipeline or full fine-tune may keep its denoiser in ("unet", "transformer").
+DENOISER_SUBFOLDERS: tuple[str, ...] = tuple(dict.fromkeys(backbone.denoiser_subfolder for backbone in BACKBONES.values()))
+
+
+def denoiser_subfolder(family: str) -> str:
+    """Where ``family`` saves its denoiser (and the prefix of its LoRA keys): ``unet`` or ``transformer``."""
+    if family not in BACKBONES:
+        raise ValueError(f"unknown model family {family!r}; diffalign knows {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[family].denoiser_subfolder
 
 
 def read_model_index(path: str, revision: str | None = None) -> dict[str, Any]:
@@ -89,11 +98,13 @@ def load_backbone(config: ModelConfig, load_encoders: bool = True) -> Backbone:
 __all__ = [
     "Backbone",
     "Conditioning",
+    "DENOISER_SUBFOLDERS",
     "LoadOptions",
     "PIPELINE_FAMILIES",
     "StableDiffusionBackbone",
     "StableDiffusionXLBackbone",
     "StableDiffusion3Backbone",
+    "denoiser_subfolder",
     "detect_family",
     "load_backbone",
     "load_scheduler_config",

@@ -43,6 +43,7 @@ class Backbone(Protocol):
     denoiser_subfolder: str  # "unet" or "transformer": where save_pretrained writes it
     lora_layers_argument: str  # the keyword of the pipeline's save_lora_weights for the denoiser
     pipeline_class_name: str  # the stock diffusers pipeline that loads our outputs
+    lora_target_modules: tuple[str, ...]  # default LoRA targets (module-name suffixes) in the denoiser
     has_encoders: bool
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

@@ -28,6 +28,11 @@ class StableDiffusion3Backbone:
     denoiser_subfolder = "transformer"
     lora_layers_argument = "transformer_lora_layers"
     pipeline_class_name = "StableDiffusion3Pipeline"
+    # The joint-attention projections of both streams, as diffusers' SD3 LoRA script adapts them.
+    lora_target_modules = (
+        "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+        "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+    )
 
     def __init__(
         self,

@@ -36,6 +36,8 @@ class StableDiffusionXLBackbone:
     denoiser_subfolder = "unet"
     lora_layers_argument = "unet_lora_layers"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    # The attention projections diffusers' own LoRA training scripts adapt.
+    lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
 
     def __init__(
         self,

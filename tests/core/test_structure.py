@@ -187,3 +187,33 @@ def test_imports_point_one_way(modules):
         if _layer(target) not in ALLOWED[_layer(name)]
     ]
     assert not found, "\n".join(found)
+
+
+# Where per-family code belongs: the adapters, and the tiny builders, whose job is to build each
+# family's architecture at toy size (they branch on the tiny names sd15/sd2/sdxl/sd3, not on a Backbone).
+FAMILY_HOMES = ("diffalign.backbones", "diffalign.tiny")
+
+
+def _spelled(side: ast.expr) -> object:
+    """The name a comparison side reads: ``family``, ``x.family`` and ``record["family"]`` all read "family"."""
+    if isinstance(side, ast.Name):
+        return side.id
+    if isinstance(side, ast.Attribute):
+        return side.attr
+    if isinstance(side, ast.Subscript) and isinstance(side.slice, ast.Constant):
+        return side.slice.value
+    return None
+
+
+def _compares_family(node: ast.AST) -> bool:
+    return isinstance(node, ast.Compare) and "family" in [_spelled(side) for side in [node.left, *node.comparators]]
+
+
+def test_family_knowledge_lives_in_the_backbones(modules):
+    """No ``if family == "sd3"`` outside the adapters: a new family is one new adapter, not a hunt for branches."""
+    found = [
+        f"{module.path.relative_to(ROOT)} line {node.lineno}: {ast.unparse(node)}"
+        for name, module in modules.items() if not name.startswith(FAMILY_HOMES)
+        for node in ast.walk(module.tree) if _compares_family(node)
+    ]
+    assert not found, "ask the Backbone (an attribute or method) instead:\n" + "\n".join(found)
