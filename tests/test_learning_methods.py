@@ -77,7 +77,7 @@ def test_mapo_raises_the_heldout_margin_without_a_reference(toy_cache_root, worl
 def test_rankdpo_raises_heldout_pairwise_accuracy_on_ranked_lists(toy_cache_root, tmp_path_factory, tmp_path):
     """k = 4 graded lists (scores 1, 2/3, 1/3, 0); measured (100 steps, 8 lists/step): 0.50 -> 0.895
     over the 6 label-ordered pairs of each of 200 held-out lists."""
-    from diffalign.toy.world import write_ranked
+    from diffalign.toy.ranked import write_ranked
 
     data_dir = tmp_path_factory.mktemp("ranked")
     train_file = write_ranked(data_dir / "train.parquet", n=1000, seed=11)

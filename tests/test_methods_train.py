@@ -41,7 +41,8 @@ def method_args(method: str, family: str, model: Path, data: Path, out: Path, *e
 @pytest.fixture(scope="module")
 def method_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Toy data in each method's format: pairs (MaPO), ranked lists of 4 (RankDPO), dual-caption pairs (DCPO)."""
-    from diffalign.toy.world import write_pairs, write_ranked
+    from diffalign.toy.ranked import write_ranked
+    from diffalign.toy.world import write_pairs
 
     root = tmp_path_factory.mktemp("method-data")
     return {

@@ -31,14 +31,8 @@ from diffalign.data import (
     collate_groups,
     open_preference_source,
 )
-from diffalign.toy.world import (
-    RANKED_SCORES,
-    ToyWorldSpec,
-    make_pairs,
-    make_ranked,
-    write_pairs,
-    write_ranked,
-)
+from diffalign.toy.ranked import RANKED_SCORES, make_ranked, write_ranked
+from diffalign.toy.world import ToyWorldSpec, make_pairs, write_pairs
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "black": (10, 10, 10)}
 SPEC = ToyWorldSpec()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from diffalign.atomic import staged_folder
-from diffalign.toy.world import ToyWorldSpec, _degrade, _other, caption, render
+from diffalign.toy.world import ToyWorldSpec, caption, degrade, draw_other, render
 
 __all__ = ["TOY_MODELS", "write_toy_source", "write_toy_sources"]
 
@@ -33,10 +33,10 @@ def write_toy_source(folder: str | Path, model: str, seeds_per_prompt: int = 1, 
         for p, (colour, shape) in enumerate((c, s) for c in spec.colour_names for s in spec.shapes):
             for k in range(seeds_per_prompt):
                 rng = np.random.default_rng([seed, p, k])  # same geometry for every model at (prompt, k)
-                shown = _other(spec.colour_names, colour, np.random.default_rng([seed, p, k, 1])) if model == "wrong-colour" else colour
+                shown = draw_other(spec.colour_names, colour, np.random.default_rng([seed, p, k, 1])) if model == "wrong-colour" else colour
                 image = render(shown, shape, rng, spec)
                 if model == "degraded":
-                    image = _degrade(image, rng, spec)
+                    image = degrade(image, rng, spec)
                 name = f"images/{p:05d}_{k:02d}.png"
                 image.save(staging / name)
                 lines.append(json.dumps({"image": name, "prompt": caption(colour, shape), "model": model, "seed": k}))

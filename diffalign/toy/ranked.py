@@ -3,9 +3,7 @@
 Why a module of its own: the pairs generator (:mod:`diffalign.toy.world`)
 is what the quickstart and most tests need; ranked lists only feed RankDPO.
 They reuse the world's drawing, degradation and JPEG helpers, so this module
-imports :mod:`diffalign.toy.world`, never the reverse (world re-exports the
-names below lazily, so ``from diffalign.toy.world import write_ranked`` still
-works without an import cycle).
+imports :mod:`diffalign.toy.world`, never the reverse.
 
 :func:`make_ranked` / :func:`write_ranked`: per prompt the truth (score 1), a
 lightly degraded truth (2/3), a one-attribute mistake -- colour or shape --
@@ -23,16 +21,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffalign.atomic import staged_folder
+from diffalign.atomic import staged_file, staged_folder
 from diffalign.toy.world import (
     WINNER_MODEL,
     ToyWorldSpec,
-    _atomic_write,
-    _degrade,
-    _jpeg,
-    _other,
-    _ranking_ids,
     caption,
+    degrade,
+    draw_other,
+    jpeg_bytes,
+    ranking_ids,
     render,
 )
 
@@ -68,7 +65,7 @@ def make_ranked(n: int, seed: int, spec: ToyWorldSpec = ToyWorldSpec(), k: int =
     if not 2 <= k <= len(RANKED_SCORES):
         raise ValueError(f"k must be in 2..{len(RANKED_SCORES)}, got {k}")
     rng = np.random.default_rng(seed)
-    ids = _ranking_ids(n, seed)
+    ids = ranking_ids(n, seed)
     colours, shapes = spec.colour_names, spec.shapes
     wrong_shape = rng.permutation(np.arange(n) % 2)
     rows: list[dict] = []
@@ -76,19 +73,19 @@ def make_ranked(n: int, seed: int, spec: ToyWorldSpec = ToyWorldSpec(), k: int =
         colour = colours[rng.integers(len(colours))]
         shape = shapes[rng.integers(len(shapes))]
         truth = render(colour, shape, rng, spec)
-        images = [truth, _degrade(truth, rng, spec, strength=_LIGHT_DEGRADE)]
+        images = [truth, degrade(truth, rng, spec, strength=_LIGHT_DEGRADE)]
         if wrong_shape[i]:
-            images.append(render(colour, _other(shapes, shape, rng), rng, spec))
+            images.append(render(colour, draw_other(shapes, shape, rng), rng, spec))
         else:
-            images.append(render(_other(colours, colour, rng), shape, rng, spec))
-        images.append(render(_other(colours, colour, rng), _other(shapes, shape, rng), rng, spec))
+            images.append(render(draw_other(colours, colour, rng), shape, rng, spec))
+        images.append(render(draw_other(colours, colour, rng), draw_other(shapes, shape, rng), rng, spec))
         one_wrong = "toy-wrong-shape" if wrong_shape[i] else "toy-wrong-colour"
         models = [WINNER_MODEL, "toy-degraded", one_wrong, "toy-wrong-both"]
         order = rng.permutation(k).tolist()
         rows.append(
             {
                 "prompt": caption(colour, shape),
-                "images": [_jpeg(images[j], spec) for j in order],
+                "images": [jpeg_bytes(images[j], spec) for j in order],
                 "scores": [RANKED_SCORES[j] for j in order],
                 "models": [models[j] for j in order],
                 "ranking_id": int(ids[i]),
@@ -117,7 +114,8 @@ def write_ranked(
     rows = make_ranked(n, seed, spec, k)
     if format == "parquet":
         table = pa.Table.from_pylist(rows, schema=RANKED_SCHEMA)
-        _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="none"))
+        with staged_file(path) as temporary:
+            pq.write_table(table, temporary, compression="none")
         return path
     if format != "jsonl":
         raise ValueError(f"unknown format {format!r}; expected 'parquet' or 'jsonl'")
@@ -132,5 +130,6 @@ def write_ranked(
             entry = {**row, "images": [f"{folder.name}/{name}" for name in names]}
             lines.append(json.dumps(entry, sort_keys=True))
     text = "".join(line + "\n" for line in lines)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    with staged_file(path) as temporary:
+        temporary.write_text(text)
     return path

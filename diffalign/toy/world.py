@@ -21,8 +21,8 @@ describes the loser ("a blue circle", "a blurry red circle").
 Ranked lists (RankDPO) are generated in :mod:`diffalign.toy.ranked`
 (:func:`~diffalign.toy.ranked.make_ranked` /
 :func:`~diffalign.toy.ranked.write_ranked`), which draws with this module's
-helpers; the names are re-exported lazily from here, so
-``from diffalign.toy.world import write_ranked`` keeps working.
+public helpers (:func:`degrade`, :func:`draw_other`, :func:`jpeg_bytes`,
+:func:`ranking_ids`); this module never imports it.
 
 Geometry (measured in the prototype, see TOYWORLD.md): shape was only
 learnable once shapes were big on the model's grid -- radius 6.5-7.5 px on a
@@ -37,10 +37,8 @@ import dataclasses
 import io
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -54,25 +52,23 @@ from diffalign.atomic import staged_file
 from diffalign.data.pickapic import pickapic_core_fields
 from diffalign.fingerprint import fingerprint
 
-if TYPE_CHECKING:
-    from diffalign.toy.ranked import RANKED_SCHEMA, RANKED_SCORES, make_ranked, write_ranked  # lazy, see __getattr__
-
 __all__ = [
     "DUAL_CAPTION_PAIR_SCHEMA",
     "GENERATOR_VERSION",
     "LOSER_KINDS",
     "PAIR_SCHEMA",
-    "RANKED_SCHEMA",
-    "RANKED_SCORES",
+    "WINNER_MODEL",
     "ToyWorldPaths",
     "ToyWorldSpec",
     "caption",
+    "degrade",
+    "draw_other",
+    "jpeg_bytes",
     "make_pairs",
-    "make_ranked",
     "prompts",
+    "ranking_ids",
     "render",
     "write_pairs",
-    "write_ranked",
     "write_toy_world",
 ]
 
@@ -230,7 +226,7 @@ def render(
     return img
 
 
-def _degrade(
+def degrade(
     img: PIL.Image.Image, rng: np.random.Generator, spec: ToyWorldSpec, strength: float = 1.0
 ) -> PIL.Image.Image:
     """Blur + Gaussian pixel noise: a loser that is 'right' but low quality (``strength`` scales both)."""
@@ -240,14 +236,15 @@ def _degrade(
     return PIL.Image.fromarray(np.clip(np.rint(arr + noise), 0, 255).astype(np.uint8), mode="RGB")
 
 
-def _jpeg(img: PIL.Image.Image, spec: ToyWorldSpec) -> bytes:
+def jpeg_bytes(img: PIL.Image.Image, spec: ToyWorldSpec) -> bytes:
+    """The JPEG file the datasets store for ``img``, at the spec's quality."""
     buf = io.BytesIO()
     # 4:4:4 chroma: at 32 px, 4:2:0 subsampling would smear colour across shape edges.
     img.save(buf, format="JPEG", quality=spec.jpeg_quality, subsampling=0, optimize=False)
     return buf.getvalue()
 
 
-def _ranking_ids(n: int, seed: int) -> np.ndarray:
+def ranking_ids(n: int, seed: int) -> np.ndarray:
     """Ids unique across splits drawn with different seeds: (seed << 32) | index."""
     if not 0 <= seed < 2**31:
         raise ValueError(f"seed must be in [0, 2**31), got {seed}")
@@ -271,7 +268,7 @@ def make_pairs(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = np.random.default_rng(seed)
-    ids = _ranking_ids(n, seed)
+    ids = ranking_ids(n, seed)
     colours, shapes = spec.colour_names, spec.shapes
     kinds = rng.permutation(np.arange(n) % len(LOSER_KINDS))
     winner_at = rng.permutation(np.arange(n) % 2)
@@ -282,17 +279,17 @@ def make_pairs(
         kind = LOSER_KINDS[int(kinds[i])]
         winner = render(colour, shape, rng, spec)
         if kind == "colour":
-            loser_colour = _other(colours, colour, rng)
+            loser_colour = draw_other(colours, colour, rng)
             loser = render(loser_colour, shape, rng, spec)
             loser_caption = caption(loser_colour, shape)
         elif kind == "shape":
-            loser_shape = _other(shapes, shape, rng)
+            loser_shape = draw_other(shapes, shape, rng)
             loser = render(colour, loser_shape, rng, spec)
             loser_caption = caption(colour, loser_shape)
         else:
-            loser = _degrade(winner, rng, spec)
+            loser = degrade(winner, rng, spec)
             loser_caption = f"a blurry {colour} {shape}"
-        images = [_jpeg(winner, spec), _jpeg(loser, spec)]
+        images = [jpeg_bytes(winner, spec), jpeg_bytes(loser, spec)]
         models = [WINNER_MODEL, f"toy-{kind}"]
         captions = [caption(colour, shape), loser_caption]
         if winner_at[i] == 1:
@@ -317,16 +314,10 @@ def make_pairs(
     return rows
 
 
-def _other(names: tuple[str, ...], name: str, rng: np.random.Generator) -> str:
+def draw_other(names: tuple[str, ...], name: str, rng: np.random.Generator) -> str:
     """A uniformly drawn name other than ``name`` (one draw from ``rng``)."""
     others = [x for x in names if x != name]
     return others[rng.integers(len(others))]
-
-
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write via a temporary file beside ``path``, then rename: readers never see half a file."""
-    with staged_file(path) as temporary:
-        write(str(temporary))
 
 
 def write_pairs(
@@ -340,7 +331,8 @@ def write_pairs(
     schema = DUAL_CAPTION_PAIR_SCHEMA if dual_captions else PAIR_SCHEMA
     table = pa.Table.from_pylist(make_pairs(n, seed, spec, dual_captions=dual_captions), schema=schema)
     # JPEG bytes do not compress; skipping it keeps writing fast and the bytes stable.
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="none"))
+    with staged_file(path) as temporary:  # readers never see half a file
+        pq.write_table(table, temporary, compression="none")
     return path
 
 
@@ -385,14 +377,6 @@ def write_toy_world(
     write_pairs(paths.train, n_train, train_seed, spec)
     write_pairs(paths.heldout, n_heldout, heldout_seed, spec)
     text = json.dumps(recipe, indent=2, sort_keys=True) + "\n"
-    _atomic_write(paths.recipe, lambda tmp: Path(tmp).write_text(text))
+    with staged_file(paths.recipe) as temporary:
+        temporary.write_text(text)
     return paths
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy re-export of :mod:`diffalign.toy.ranked` (which imports this module, so a top-level import would cycle)."""
-    if name in ("RANKED_SCHEMA", "RANKED_SCORES", "make_ranked", "write_ranked"):
-        from diffalign.toy import ranked
-
-        return getattr(ranked, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
