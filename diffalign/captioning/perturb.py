@@ -1,6 +1,6 @@
 """Perturb a caption so it no longer matches its image: the loser's caption in DCPO.
 
-DCPO (METHODS.md) conditions the loser on a caption of its own; one way to
+DCPO (Saeidi et al., 2025) conditions the loser on a caption of its own; one way to
 get it is to perturb the prompt (or the loser's generated caption) weakly,
 moderately or strongly. Two perturbers share one interface:
 

@@ -1,6 +1,6 @@
 """Caption strategies for DCPO: give the winner and the loser of each pair a caption of its own.
 
-DCPO (METHODS.md) conditions the winner on ``z_w`` and the loser on ``z_l``.
+DCPO (Saeidi et al., 2025) conditions the winner on ``z_w`` and the loser on ``z_l``.
 A :class:`CaptionStrategy` makes both captions for a batch of pairs:
 
 * ``perturb`` -- the winner keeps the prompt, the loser gets the prompt

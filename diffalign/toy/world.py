@@ -24,7 +24,7 @@ Ranked lists (RankDPO) are generated in :mod:`diffalign.toy.ranked`
 public helpers (:func:`degrade`, :func:`draw_other`, :func:`jpeg_bytes`,
 :func:`ranking_ids`); this module never imports it.
 
-Geometry (measured in the prototype, see TOYWORLD.md): shape was only
+Geometry (measured in the prototype, see docs/toy-world.md): shape was only
 learnable once shapes were big on the model's grid -- radius 6.5-7.5 px on a
 16x16 latent, i.e. 0.40-0.47 of the image side -- on a plain white
 background. Shapes are drawn on a large canvas and downsampled with an
@@ -98,7 +98,7 @@ class ToyWorldSpec:
     at any ``image_size``.
     """
 
-    image_size: int = 32  # final RGB side; a factor-2 VAE gives the 16x16 latent of TOYWORLD.md
+    image_size: int = 32  # final RGB side; a factor-2 VAE gives the 16x16 latent of docs/toy-world.md
     canvas_size: int = 128  # PIL draws here, then downsamples (smooth edges)
     colours: tuple[tuple[str, tuple[int, int, int]], ...] = (
         ("red", (220, 30, 30)),
@@ -107,7 +107,7 @@ class ToyWorldSpec:
         ("yellow", (235, 200, 20)),
     )
     shapes: tuple[str, ...] = _SHAPES
-    # 6.5-7.5 px radius on a 16 px latent grid (TOYWORLD.md: big shapes made shape learnable).
+    # 6.5-7.5 px radius on a 16 px latent grid (docs/toy-world.md: big shapes made shape learnable).
     radius_range: tuple[float, float] = (0.40, 0.47)
     centre_jitter: float = 0.03  # max offset of the centre from the middle, per axis
     square_half_side: float = 0.85  # x radius; keeps square and circle areas comparable
