@@ -56,10 +56,9 @@ def _cache(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
     from diffalign.trainers.objectives import objective_entry
 
-    objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
     folder = build_cache(
         backbone, config.model, config.data, config.data.cache_dir, batch_size=args.batch_size, shard_size=args.shard_size,
-        dtype=dtype, require_captions=config.method.name if "captions" in objective.requires else None,  # type: ignore[attr-defined]
+        dtype=dtype, require_captions=config.method.name if objective_entry(config.method.name).data == "captioned_pairs" else None,
     )
     print(f"diffalign cache: wrote {folder}")
     return 0

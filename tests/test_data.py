@@ -578,3 +578,17 @@ def test_image_manifest_reader_reports_bad_lines_and_resolves_paths(tmp_path):
     assert (tmp_path / "b.png").resolve() in named  # prompt-less rows still name their image
     with pytest.raises(FileNotFoundError, match="no such manifest"):
         read_manifest(tmp_path / "missing", SkipReport())
+
+
+def test_a_report_merges_an_earlier_reports_counts() -> None:
+    """Rows a cache builder skipped keep counting in the run that trains from the cache."""
+    earlier = SkipReport(log_first=0)
+    earlier.add_rows(10)
+    earlier.record("pairs.parquet", "3", "tie")
+    earlier.record("pairs.parquet", "7", "undecodable image: bad bytes")
+    run = SkipReport(log_first=0)
+    run.add_rows(5)
+    run.record("cache", "1", "tie")
+    run.merge(earlier.to_dict())
+    assert (run.total, run.rows_seen) == (3, 15)
+    assert run.counts == {"tie": 2, "undecodable image": 1}

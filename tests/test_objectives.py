@@ -221,3 +221,14 @@ def test_dpo_config_is_validated() -> None:
         DPOConfig(beta=1.0, betta=2.0)
     with pytest.raises(ValidationError):
         DPOConfig(name="mapo")
+
+
+def test_a_registration_with_an_unknown_layout_or_step_is_refused() -> None:
+    from diffalign.trainers.objectives import register_objective
+
+    with pytest.raises(ValueError, match="data must be one of"):
+        register_objective("dpo-typo", DPOConfig, lambda c: DiffusionDPO(beta=1.0), data="pair")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="step one of"):
+        register_objective("dpo-typo", DPOConfig, lambda c: DiffusionDPO(beta=1.0), step="sampler")  # type: ignore[arg-type]
+    with pytest.raises(KeyError):
+        objective_entry("dpo-typo")  # nothing half-registered

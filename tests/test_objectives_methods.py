@@ -7,6 +7,7 @@ softplus(-z) = -log sigmoid(z) = log(1 + e^-z).
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -14,11 +15,13 @@ import torch
 from diffalign.trainers.objectives import (
     DCPO,
     PSO,
+    DataLayout,
     DiffusionDPO,
     MaPO,
     PSOHinge,
     PSOOnline,
     RankDPO,
+    StepKind,
     current_ranks,
     error_to_odds,
     ndcg,
@@ -135,7 +138,7 @@ def test_rankdpo_needs_scores_beyond_pairs() -> None:
 def test_dcpo_loss_is_diffusion_dpo_on_its_errors_and_requires_captions() -> None:
     policy, reference = t([[0.5, 1.0], [0.9, 0.4]]), t([[0.6, 0.6], [0.3, 0.3]])
     assert DCPO(beta=4.0)(policy, reference).loss.item() == DiffusionDPO(beta=4.0)(policy, reference).loss.item()
-    assert DCPO(beta=4.0).requires == ("captions",)
+    assert objective_entry("dcpo").data == "captioned_pairs"  # rows without per-image captions are skipped
     with pytest.raises(ValueError, match="DCPO"):
         DCPO(beta=4.0)(policy, None)
 
@@ -202,4 +205,6 @@ def test_every_method_is_registered_with_its_own_schema() -> None:
         config = entry.config_class()
         assert config.name == name
         objective = entry.build(config)
-        assert objective.likelihood in ("denoising", "sampler")
+        assert entry.data in get_args(DataLayout) and entry.step in get_args(StepKind)
+        assert (entry.step == "sampled") == (entry.data == "prompts"), "only a sampling method reads prompts alone"
+        assert callable(objective)

@@ -14,6 +14,7 @@ from diffalign.data.captioned import rows_with_captions
 from diffalign.data.prompts import PromptDataset, PromptSource, collate_prompts
 
 from .config import TrainConfig
+from .objectives import DataLayout
 
 
 class KeyedDataset:
@@ -66,38 +67,33 @@ class TrainingData:
         return bool(batch["row_ids"])
 
 
-def build_training_data(config: TrainConfig, backbone: Backbone, objective: Any = None, accelerator: Any = None) -> TrainingData:
-    """Open the configured data as the method needs it.
+def build_training_data(config: TrainConfig, backbone: Backbone, layout: DataLayout = "pairs", accelerator: Any = None) -> TrainingData:
+    """Open the configured data grouped as the method declared at registration (``layout``).
 
-    Online methods (``likelihood == "sampler"``) read prompts only; offline PSO pairs each
-    training image with a reference image sampled once from the initial model; DCPO keeps
-    only rows with per-image captions. With ``data.cache_dir`` the cache must match the
-    model and the data.
+    Prompts only for online methods; offline PSO's pairs of each training image with a sample of
+    the initial model; pairs or ranked lists otherwise, with a caption per image when the method
+    needs them. With ``data.cache_dir`` the cache must match the model and the data.
     """
     report = SkipReport()
-    needs = set(objective.requires) if objective is not None else set()
-    if objective is not None and objective.likelihood == "sampler":
+    if layout == "prompts":
         if config.data.cache_dir is not None:
             raise ConfigError("data.cache_dir: online methods sample their own images; there is nothing to cache")
         prompts = PromptSource(config.data.path, report, config.data.max_rows)
         return TrainingData(KeyedDataset(PromptDataset(prompts), config.train.seed), with_noise_seeds(collate_prompts), report, prompts.name)
-    if "reference_images" in needs:  # offline PSO: each training image against the initial model's sample
+    if layout == "sampled_reference_pairs":
         from .pso_references import ensure_reference_pairs
 
         pairs = ensure_reference_pairs(config, backbone, accelerator)
         config = config.model_copy(update={"data": config.data.model_copy(update={"path": str(pairs), "format": "jsonl"})})
+    captioned = layout == "captioned_pairs"
     if config.data.cache_dir is not None:
-        manifest = check_cache(config.data.cache_dir, config.model, config.data, require_captions="captions" in needs)
+        manifest = check_cache(config.data.cache_dir, config.model, config.data, require_captions=captioned)
         dataset = CachedGroupsDataset(config.data.cache_dir, manifest)
-        skipped_at_build = manifest["skipped"]  # rows the cache builder skipped stay in this run's summary
-        report.total += int(skipped_at_build.get("total", 0))
-        report.rows_seen += int(skipped_at_build.get("rows_seen", 0))
-        for reason, count in skipped_at_build.get("counts", {}).items():
-            report.counts[reason] = report.counts.get(reason, 0) + count
+        report.merge(manifest["skipped"])  # rows the cache builder skipped stay in this run's summary
         collate = functools.partial(collate_cached, empty_text=dataset.text(0))
         return TrainingData(KeyedDataset(dataset, config.train.seed), with_noise_seeds(collate), report, config.data.cache_dir)
     source = open_source(config.data, report)
-    if "captions" in needs:
+    if captioned:
         source = rows_with_captions(source, report, config.method.name)  # type: ignore[attr-defined]
     transform = GroupTransform(config.data.resolution, config.data.center_crop, config.data.random_flip)
     dataset = PreferenceDataset(source, transform, config.train.seed)

@@ -102,9 +102,10 @@ def setup_training(config: TrainConfig, accelerator, reward: Reward | None = Non
     """Method, model, data and optimisation, prepared by accelerate; the reference stays unwrapped."""
     run = config.train
     weight_dtype = torch.float32 if run.mixed_precision == "no" else parse_dtype(run.mixed_precision)
-    objective = objective_entry(config.method.name).build(config.method)  # type: ignore[attr-defined]
+    entry = objective_entry(config.method.name)
+    objective = entry.build(config.method)  # type: ignore[arg-type]
     backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
-    data = build_training_data(config, backbone, objective, accelerator)
+    data = build_training_data(config, backbone, entry.data, accelerator)
     backbone.to(accelerator.device, weight_dtype)
     policy, reference = build_policy_and_reference(
         backbone, run.mode, config.lora, objective.needs_reference, weight_dtype, accelerator.device
@@ -119,7 +120,7 @@ def setup_training(config: TrainConfig, accelerator, reward: Reward | None = Non
     policy, optimizer, lr_scheduler = accelerator.prepare(policy, optimizer, lr_scheduler)
     if run.mode == "lora" and reference is not None:
         reference.network = accelerator.unwrap_model(policy)  # type: ignore[attr-defined]
-    if objective.likelihood == "sampler":
+    if entry.step == "sampled":
         step = SampledStep(backbone, objective, config.method, config.data.resolution, resolve_reward(config.method, reward), weight_dtype)
     else:
         step = DenoisingStep(backbone, objective, config.data.resolution, config.data.empty_prompt_prob, weight_dtype)

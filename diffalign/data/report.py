@@ -110,6 +110,18 @@ class SkipReport:
         for row_id, reason in skipped:
             self.record(source, row_id, reason)
 
+    def merge(self, snapshot: dict[str, Any]) -> None:
+        """Add an earlier report's :meth:`to_dict` (rows a cache builder skipped) to this one's totals.
+
+        The rows were skipped in another run, so they keep counting in this run's summary; their
+        examples stay in the snapshot (the cache's manifest), not here.
+        """
+        with self._lock:
+            self.total += int(snapshot.get("total", 0))
+            self.rows_seen += int(snapshot.get("rows_seen", 0))
+            for category, count in snapshot.get("counts", {}).items():
+                self.counts[category] = self.counts.get(category, 0) + int(count)
+
     def summary(self) -> str:
         """Human-readable multi-line summary, one line per reason category."""
         with self._lock:

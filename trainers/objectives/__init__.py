@@ -1,6 +1,15 @@
 """Alignment methods, each a small Objective registered by name."""
 
-from .base import OBJECTIVES, Objective, ObjectiveEntry, ObjectiveOutput, objective_entry, register_objective
+from .base import (
+    OBJECTIVES,
+    DataLayout,
+    Objective,
+    ObjectiveEntry,
+    ObjectiveOutput,
+    StepKind,
+    objective_entry,
+    register_objective,
+)
 from .dcpo import DCPO, DCPOConfig
 from .dpo import DiffusionDPO, DPOConfig, implicit_accuracy
 from .mapo import MaPO, MaPOConfig, error_to_odds
@@ -9,6 +18,8 @@ from .rankdpo import RankDPO, RankDPOConfig, current_ranks, ndcg, pair_weights
 
 __all__ = [
     "OBJECTIVES",
+    "DataLayout",
+    "StepKind",
     "Objective",
     "ObjectiveEntry",
     "ObjectiveOutput",

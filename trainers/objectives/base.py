@@ -10,7 +10,7 @@ numbers, with no model in the test.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Literal, Protocol, get_args
 
 from pydantic import BaseModel
 from torch import Tensor
@@ -28,18 +28,11 @@ class Objective(Protocol):
     """What the training loop needs from a method.
 
     ``needs_reference``: whether the loop must build a reference (MaPO does not).
-    ``requires``: data the method cannot work without: ``"captions"`` (a caption per
-    image, DCPO: rows lacking them are reported and skipped when the data is opened) or
-    ``"reference_images"`` (offline PSO: each training image is paired with a sample of
-    the initial model, drawn once and cached).
-    ``likelihood``: ``"denoising"`` (errors [G, K] of the ELBO proxy on data
-    images) or ``"sampler"`` (negative log-probabilities [G, K, S] of the S
-    stochastic transitions of the policy's own few-step samples: online PSO).
+    What data a method reads and which step computes its errors are declared where it is
+    registered (:class:`ObjectiveEntry`), not asked of the objective by the loop.
     """
 
     needs_reference: bool
-    requires: tuple[str, ...]
-    likelihood: str
 
     def __call__(
         self, policy_errors: Tensor, reference_errors: Tensor | None, scores: Tensor | None = None
@@ -59,22 +52,53 @@ def check_errors(method: str, policy_errors: Tensor, reference_errors: Tensor | 
         )
 
 
+DataLayout = Literal["pairs", "ranked", "captioned_pairs", "sampled_reference_pairs", "prompts"]
+"""How a method's training data is grouped:
+
+- ``pairs``: preference pairs, winner first (K = 2);
+- ``ranked``: ranked lists of K images with scores, best first (pairs are lists of 2);
+- ``captioned_pairs``: pairs with a caption per image (DCPO); rows lacking them are reported and skipped;
+- ``sampled_reference_pairs``: each training image against a sample of the initial model, drawn once
+  and cached (offline PSO);
+- ``prompts``: prompts only; the policy samples its own images (online PSO).
+"""
+
+StepKind = Literal["denoising", "sampled"]
+"""Which step computes the objective's inputs: ``denoising`` gives per-sample errors [G, K] of the
+ELBO proxy on data images; ``sampled`` gives negative log-probabilities [G, K, S] of the S stochastic
+transitions of the policy's own few-step samples, with their rewards."""
+
+
 @dataclass(frozen=True)
 class ObjectiveEntry:
-    """A registered method: its config schema and how to build it from that config."""
+    """A registered method: its config schema, how to build it, what data it reads and which step runs it."""
 
     config_class: type[BaseModel]
     build: Callable[[BaseModel], Objective]
+    data: DataLayout
+    step: StepKind
 
 
 OBJECTIVES: dict[str, ObjectiveEntry] = {}
 
 
-def register_objective(name: str, config_class: type[BaseModel], build: Callable[[BaseModel], Objective]) -> None:
-    """Add a method under ``name``; a second registration of a name is a bug."""
+def register_objective(
+    name: str,
+    config_class: type[BaseModel],
+    build: Callable[[BaseModel], Objective],
+    *,
+    data: DataLayout = "pairs",
+    step: StepKind = "denoising",
+) -> None:
+    """Add a method under ``name``; a second registration of a name, or an unknown layout or step, is a bug."""
     if name in OBJECTIVES:
         raise ValueError(f"objective {name!r} is already registered")
-    OBJECTIVES[name] = ObjectiveEntry(config_class, build)
+    if data not in get_args(DataLayout) or step not in get_args(StepKind):
+        raise ValueError(
+            f"objective {name!r}: data must be one of {get_args(DataLayout)} and step one of {get_args(StepKind)}, "
+            f"got {data!r} and {step!r}"
+        )
+    OBJECTIVES[name] = ObjectiveEntry(config_class, build, data, step)
 
 
 def objective_entry(name: str) -> ObjectiveEntry:

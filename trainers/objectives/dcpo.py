@@ -36,8 +36,6 @@ class DCPO:
     """Diffusion-DPO on dual-caption pairs (K = 2, winner first, per-image captions)."""
 
     needs_reference = True
-    requires: tuple[str, ...] = ("captions",)
-    likelihood = "denoising"
 
     def __init__(self, beta: float) -> None:
         self._dpo = DiffusionDPO(beta, method_name="DCPO")
@@ -46,4 +44,4 @@ class DCPO:
         return self._dpo(policy_errors, reference_errors)
 
 
-register_objective("dcpo", DCPOConfig, lambda c: DCPO(beta=c.beta))  # type: ignore[attr-defined]
+register_objective("dcpo", DCPOConfig, lambda c: DCPO(beta=c.beta), data="captioned_pairs")  # type: ignore[attr-defined]

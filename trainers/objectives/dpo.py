@@ -44,8 +44,6 @@ class DiffusionDPO:
     """The Diffusion-DPO objective on pairs (K = 2, winner first)."""
 
     needs_reference = True
-    requires: tuple[str, ...] = ()
-    likelihood = "denoising"
     def __init__(self, beta: float, method_name: str = "Diffusion-DPO") -> None:
         self.beta = beta
         self.method_name = method_name  # named in input errors (DCPO reuses this loss)

@@ -48,8 +48,6 @@ class MaPO:
     """Margin-aware preference optimisation on pairs (K = 2, winner first), no reference."""
 
     needs_reference = False
-    requires: tuple[str, ...] = ()
-    likelihood = "denoising"
 
     def __init__(self, beta_mapo: float, snr_value: float, temperature: float) -> None:
         self.beta_mapo = beta_mapo

@@ -74,8 +74,6 @@ class PSO:
     """Offline PSO, reference-anchored (K = 2: training image first, sampled reference second)."""
 
     needs_reference = True
-    requires: tuple[str, ...] = ("reference_images",)  # sampled once from the initial model (trainers/pso_references.py)
-    likelihood = "denoising"
 
     def __init__(self, beta: float, loser_weight: float) -> None:
         self.beta = beta
@@ -104,8 +102,6 @@ class PSOHinge:
     """Offline PSO, reference-free hinge with a prior term on the reference image."""
 
     needs_reference = False
-    requires: tuple[str, ...] = ("reference_images",)
-    likelihood = "denoising"
 
     def __init__(self, loser_weight: float, prior_weight: float, margin: float) -> None:
         self.loser_weight = loser_weight
@@ -133,8 +129,6 @@ class PSOOnline:
     """Online PSO on two policy samples per prompt; errors are negative log-probs [G, 2, S]."""
 
     needs_reference = True
-    requires: tuple[str, ...] = ()
-    likelihood = "sampler"
 
     def __init__(self, beta: float, clip_range: float) -> None:
         self.beta = beta
@@ -174,5 +168,8 @@ def _build_offline(config: PSOConfig):
     return PSO(config.beta, config.loser_weight)
 
 
-register_objective("pso", PSOConfig, _build_offline)  # type: ignore[arg-type]
-register_objective("pso-online", PSOOnlineConfig, lambda c: PSOOnline(c.beta, c.clip_range))  # type: ignore[attr-defined]
+# Offline PSO pairs each training image with a sample of the initial model (trainers/pso_references.py).
+register_objective("pso", PSOConfig, _build_offline, data="sampled_reference_pairs")  # type: ignore[arg-type]
+register_objective(
+    "pso-online", PSOOnlineConfig, lambda c: PSOOnline(c.beta, c.clip_range), data="prompts", step="sampled"  # type: ignore[attr-defined]
+)

@@ -87,8 +87,6 @@ class RankDPO:
     """ΔNDCG-weighted pairwise Diffusion-DPO over ranked groups [G, K], best first."""
 
     needs_reference = True
-    requires: tuple[str, ...] = ()
-    likelihood = "denoising"
 
     def __init__(self, beta: float) -> None:
         self.beta = beta
@@ -120,4 +118,4 @@ class RankDPO:
         return ObjectiveOutput(loss=loss, metrics=metrics)
 
 
-register_objective("rankdpo", RankDPOConfig, lambda c: RankDPO(beta=c.beta))  # type: ignore[attr-defined]
+register_objective("rankdpo", RankDPOConfig, lambda c: RankDPO(beta=c.beta), data="ranked")  # type: ignore[attr-defined]
