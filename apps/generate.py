@@ -156,7 +156,6 @@ def _model_name(settings: GenerateSettings, model: str, trained: TrainedWeights 
 def load_pipeline(model: str, trained: TrainedWeights | None, dtype: str, device: str) -> Any:
     """The stock diffusers pipeline of ``model`` with the trained weights applied, on ``device``."""
     import diffusers
-    import torch
     from diffusers.utils import deprecation_utils
 
     # diffusers since huggingface/diffusers#14205 takes `dtype` (and warns on `torch_dtype`);

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from diffalign.dtypes import parse_dtype
+
 if TYPE_CHECKING:
     import torch
 
@@ -42,7 +44,6 @@ __all__ = [
     "clean_text",
     "load_perturber",
     "perturb_with_rules",
-    "resolve_dtype",
     "row_rng",
     "seeded_generation",
 ]
@@ -77,10 +78,6 @@ PARAPHRASE_LEVELS: dict[str, dict[str, Any]] = {
     "medium": {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0},
     "strong": {"do_sample": True, "temperature": 1.5, "top_p": 0.98, "top_k": 0},
 }
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}  # fmt: skip
-
 
 def check_level(level: str) -> Level:
     """Return ``level`` if it is one of :data:`LEVELS`; a typo raises rather than picking a default."""
@@ -193,17 +190,6 @@ class RulePerturber:
 # --------------------------------------------------------------------------- text2text models
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32"``/``"fp32"``, ``"float16"``/``"fp16"``, ``"bfloat16"``/``"bf16"`` or a torch dtype."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(sorted(_DTYPES))}")
-    return getattr(torch, _DTYPES[dtype])
-
-
 @contextmanager
 def seeded_generation(seed: int, keys: Sequence[str], device: torch.device) -> Iterator[None]:
     """Seed torch's RNG (CPU and the device) from ``seed`` and ``keys`` without disturbing the caller's state."""
@@ -247,7 +233,7 @@ class Seq2SeqPerturber:
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         net = AutoModelForSeq2SeqLM.from_pretrained(model)
-        self.model = net.to(device=self.device, dtype=resolve_dtype(dtype)).eval().requires_grad_(False)
+        self.model = net.to(device=self.device, dtype=parse_dtype(dtype)).eval().requires_grad_(False)
         self.name = model
 
     def perturb(self, texts: Sequence[str], row_ids: Sequence[str], seed: int) -> list[str]:

@@ -27,9 +27,9 @@ from diffalign.captioning.perturb import (
     check_level,
     clean_text,
     load_perturber,
-    resolve_dtype,
     seeded_generation,
 )
+from diffalign.dtypes import parse_dtype
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -114,7 +114,7 @@ class CaptionSettings:
 
     def __post_init__(self) -> None:
         check_level(self.level)
-        resolve_dtype(self.dtype)
+        parse_dtype(self.dtype)
         if not self.perturb_model:
             raise ValueError("perturb_model must be 'rules' or a text2text model id/folder, got an empty string")
         if self.max_new_tokens < 1:
@@ -151,7 +151,7 @@ class ImageCaptioner:
         self.max_new_tokens = max_new_tokens
         self.condition_on_prompt = condition_on_prompt
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = parse_dtype(dtype)
         self.processor = AutoProcessor.from_pretrained(model)
         net = _load_image_to_text(model)
         self.model = net.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
