@@ -33,7 +33,7 @@ SEEDS_PER_PROMPT = 2
 STEPS = 2
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 def _cli(argv: list[str]) -> int:
     """Parse with only the eval subcommands (apps/cli.py wires them in separately) and run."""

@@ -15,7 +15,7 @@ import torch
 from diffalign.apps.cli import main
 from diffalign.trainers.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FOLDER = {"sd15": "sd15", "sd2": "sd15", "sdxl": "sdxl", "sd3": "sd3"}
 
 

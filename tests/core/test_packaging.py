@@ -13,7 +13,7 @@ import diffalign.apps
 import diffalign.scorers
 import diffalign.trainers
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_package_folder_is_listed_in_pyproject():

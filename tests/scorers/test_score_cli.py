@@ -40,7 +40,7 @@ from PIL import Image
 from diffalign.data.images import to_rgb
 from diffalign.data.report import SkipReport
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CROP = 32
 
 

@@ -14,7 +14,7 @@ from diffalign.config import ConfigError
 from diffalign.trainers.config import TrainConfig, load_train_config
 from diffalign.trainers.objectives import DPOConfig, objective_entry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs").rglob("*.yaml"))
 
 RECIPE = """\

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = ("diffalign", "trainers", "scorers", "apps", "configs", "docs")
 TEXT_SUFFIXES = {".py", ".yaml", ".yml", ".md", ".toml", ".txt", ".json"}
 # A URL is matched first and skipped, so only bare paths land in the group.
