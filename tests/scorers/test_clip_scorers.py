@@ -35,16 +35,6 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
     ]
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny random CLIPModel + local tokenizer + a 32-pixel CLIP image processor, saved together."""
-    from diffalign.tiny import save_clip
-
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    vision = dict(tower, image_size=CROP, patch_size=8)
-    return save_clip(tmp_path_factory.mktemp("tiny_clip") / "clip", vision, tower, projection_dim=32, logit_scale=2.0)
-
-
 def _reference_cos(
     folder: Path, images: list[Image.Image], texts: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:

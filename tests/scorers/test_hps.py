@@ -1,8 +1,8 @@
 """HPSv2 / HPSv2.1 on a tiny random open_clip ViT saved in the reference checkpoint format.
 
 The checkpoint is built by hand with open_clip's key names and shapes (the ViT-H-14
-form with tiny widths), saved as ``{"state_dict": ...}`` under the reference file
-names, and loaded through ``load_scorer``. Scores are compared with an independent
+form with tiny widths, hps_checkpoint.py), saved as ``{"state_dict": ...}`` under the
+reference file names (the ``hps_folder`` fixture), and loaded through ``load_scorer``. Scores are compared with an independent
 step-by-step computation written from open_clip's math (``CLIP.encode_image`` /
 ``encode_text``): ResizeMaxSize preprocessing in torch, patchify, class token,
 pre-LN blocks with ``in_proj`` attention, EOT pooling by argmax, projections,
@@ -27,60 +27,22 @@ from diffalign.scorers.hps import (
 )
 from PIL import Image
 
-from diffalign.tiny import TOY_VOCAB_SIZE, build_tokenizer
+from diffalign.tiny import build_tokenizer
+from hps_checkpoint import (
+    CONTEXT,
+    LAYERS,
+    PATCH,
+    SIZE,
+    TEXT_HEADS,
+    TINY_CONFIG,
+    VISION_HEADS,
+    WIDTH,
+    open_clip_state_dict,
+)
 
-SIZE, PATCH, WIDTH, LAYERS, EMBED, CONTEXT = 32, 8, 32, 2, 16, 77
-VISION_HEADS, TEXT_HEADS = 4, 4
-# open_clip's JSON model-config form, as model_configs/ViT-H-14.json, with tiny numbers.
-TINY_CONFIG = {
-    "embed_dim": EMBED,
-    "vision_cfg": {"image_size": SIZE, "layers": LAYERS, "width": WIDTH, "head_width": WIDTH // VISION_HEADS, "patch_size": PATCH},
-    "text_cfg": {"context_length": CONTEXT, "vocab_size": TOY_VOCAB_SIZE, "width": WIDTH, "heads": TEXT_HEADS, "layers": LAYERS},
-}  # fmt: skip
 PROMPTS = ["a red circle", "a blue square on a green background", "a cat", "two dogs", "a yellow star", "a photo"]  # fmt: skip
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-
-
-def _open_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """Random weights under open_clip ``CLIP``'s keys and shapes (``x @ proj`` projections, stacked q/k/v)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int, scale: float | None = None) -> torch.Tensor:
-        scale = shape[-1] ** -0.5 if scale is None else scale
-        return torch.randn(*shape, generator=gen) * scale
-
-    def norm(name: str) -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": 1 + rand(WIDTH, scale=0.1), f"{name}.bias": rand(WIDTH, scale=0.1)}  # fmt: skip
-
-    def linear(name: str, d_out: int, d_in: int) -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": rand(d_out, d_in), f"{name}.bias": rand(d_out, scale=0.1)}  # fmt: skip
-
-    def blocks(prefix: str) -> dict[str, torch.Tensor]:
-        sd: dict[str, torch.Tensor] = {}
-        for i in range(LAYERS):
-            p = f"{prefix}transformer.resblocks.{i}."
-            sd |= norm(p + "ln_1") | norm(p + "ln_2")
-            sd[p + "attn.in_proj_weight"] = rand(3 * WIDTH, WIDTH)  # q, k, v stacked
-            sd[p + "attn.in_proj_bias"] = rand(3 * WIDTH, scale=0.1)
-            sd |= linear(p + "attn.out_proj", WIDTH, WIDTH)
-            sd |= linear(p + "mlp.c_fc", 4 * WIDTH, WIDTH)
-            sd |= linear(p + "mlp.c_proj", WIDTH, 4 * WIDTH)
-        return sd
-
-    grid = (SIZE // PATCH) ** 2
-    return {
-        "positional_embedding": rand(CONTEXT, WIDTH, scale=0.1),
-        "text_projection": rand(WIDTH, EMBED),
-        "logit_scale": torch.tensor(4.6),
-        "visual.class_embedding": rand(WIDTH, scale=0.5),
-        "visual.positional_embedding": rand(grid + 1, WIDTH, scale=0.1),
-        "visual.proj": rand(WIDTH, EMBED),
-        "visual.conv1.weight": rand(WIDTH, 3, PATCH, PATCH, scale=(3 * PATCH * PATCH) ** -0.5),
-        **norm("visual.ln_pre"), **blocks("visual."), **norm("visual.ln_post"),
-        "token_embedding.weight": rand(TOY_VOCAB_SIZE, WIDTH, scale=0.5),
-        **blocks(""), **norm("ln_final"),
-    }  # fmt: skip
 
 
 # ----------------------------------------------------------------- the independent computation
@@ -175,21 +137,7 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
     ]
 
 
-# ----------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def hps_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Both reference checkpoints (different weights) and a local CLIP-form tokenizer in one folder."""
-    folder = tmp_path_factory.mktemp("hps")
-    torch.save(
-        {"state_dict": _open_clip_state_dict(seed=0)}, folder / "HPS_v2.1_compressed.pt"
-    )
-    torch.save(
-        {"state_dict": _open_clip_state_dict(seed=1)}, folder / "HPS_v2_compressed.pt"
-    )
-    build_tokenizer().save_pretrained(folder / "tokenizer")
-    return folder
+# ----------------------------------------------------------------- loading
 
 
 def _load(name: str, weights: Path, hps_folder: Path, **options: object) -> Scorer:
@@ -222,7 +170,7 @@ def test_scores_match_the_step_by_step_open_clip_computation(
     images = _images(6)
     prompts = [*PROMPTS[:5], "  A   PHOTO &amp;amp; a CAT\n"]
     cleaned = [*PROMPTS[:5], "a photo & a cat"]  # open_clip's cleaning, by hand
-    expected = _reference_scores(_open_clip_state_dict(seed), images, cleaned)
+    expected = _reference_scores(open_clip_state_dict(seed), images, cleaned)
     scores = scorer.score(images, prompts, batch_size=4)
     assert (
         scores.dtype == torch.float32
@@ -231,7 +179,7 @@ def test_scores_match_the_step_by_step_open_clip_computation(
     )
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
     assert (
-        expected - _reference_scores(_open_clip_state_dict(1 - seed), images, cleaned)
+        expected - _reference_scores(open_clip_state_dict(1 - seed), images, cleaned)
     ).abs().max() > 1e-3
     file = hps_folder / (
         "HPS_v2.1_compressed.pt" if name == "hpsv2.1" else "HPS_v2_compressed.pt"
@@ -346,7 +294,7 @@ def test_checkpoint_needing_pickle_requires_allow_pickle(
     """Training checkpoints carry argparse Namespaces: weights_only=True refuses them; the error names the file."""
     torch.save(
         {
-            "state_dict": _open_clip_state_dict(seed=0),
+            "state_dict": open_clip_state_dict(seed=0),
             "args": argparse.Namespace(lr=1e-5),
         },
         tmp_path / "HPS_v2.1_compressed.pt",
@@ -373,12 +321,12 @@ def test_bad_checkpoints_configs_and_paths_raise(hps_folder: Path, tmp_path: Pat
     with pytest.raises(FileNotFoundError, match="hub id"):
         load_scorer("hpsv2", weights=str(tmp_path / "missing" / "HPS_v2_compressed.pt"))
     torch.save(
-        _open_clip_state_dict(seed=0), tmp_path / "HPS_v2.1_compressed.pt"
+        open_clip_state_dict(seed=0), tmp_path / "HPS_v2.1_compressed.pt"
     )  # no "state_dict" key
     with pytest.raises(ValueError, match="state_dict"):
         _load("hpsv2.1", tmp_path, hps_folder)
     foreign = {
-        **_open_clip_state_dict(seed=0),
+        **open_clip_state_dict(seed=0),
         "visual.attn_pool.query": torch.zeros(4, WIDTH),
     }
     torch.save({"state_dict": foreign}, tmp_path / "HPS_v2.1_compressed.pt")
@@ -432,7 +380,7 @@ def test_bf16_option(hps_folder: Path):
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
     torch.testing.assert_close(
         scores,
-        _reference_scores(_open_clip_state_dict(0), images, PROMPTS[:3]),
+        _reference_scores(open_clip_state_dict(0), images, PROMPTS[:3]),
         atol=5e-2,
         rtol=0,
     )

@@ -1,16 +1,15 @@
 """The ``imagereward`` scorer on a tiny random checkpoint in the reference's own format.
 
-The fixture writes ``ImageReward.pt`` with THUDM/ImageReward's key names (``blip.visual_encoder.*``,
-``blip.text_encoder.*``, ``mlp.layers.*``, plus the unused projections) and a ``med_config.json``,
-straight from tensors: the scorer's converter and transformers' BLIP classes are not used to
-make it. The expected scores come from a direct functional transcription of the reference
+The ``tiny_imagereward`` fixture (built in imagereward_checkpoint.py) writes ``ImageReward.pt``
+with THUDM/ImageReward's key names (``blip.visual_encoder.*``, ``blip.text_encoder.*``,
+``mlp.layers.*``, plus the unused projections) and a ``med_config.json``, straight from tensors:
+the scorer's converter and transformers' BLIP classes are not used to make it. The expected scores come from a direct functional transcription of the reference
 forward pass (BLIP ``vit.py``, ``med.py``, ``ImageReward.score``) over those tensors.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import math
 from pathlib import Path
@@ -22,103 +21,14 @@ import torch.nn.functional as F
 from diffalign.scorers import Scorer, available_scorers, load_scorer
 from diffalign.scorers.blip_med import ours_to_reference, reference_to_ours
 from diffalign.scorers.imagereward import MAX_LENGTH, preprocess_image
+from imagereward_checkpoint import MED, PATCH, SIZE, VIT, WORDS, reference_state
 from PIL import Image
 
-SIZE, PATCH = 32, 8  # tiny ViT: 32 px input, 8 px patches -> 16 patches + [CLS]
-VIT = {"width": 48, "depth": 2, "heads": 4, "mlp": 192}
-MED = {
-    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-    "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
-    "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 4,
-    "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": 40,
-    "encoder_width": 768, "add_cross_attention": True,
-}  # fmt: skip
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "of", "on", "in", "with", "photo",
-         "red", "green", "blue", "cat", "dog", "circle", "square", "small", "big", "two", "##s"]  # fmt: skip
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.__init__
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # ImageReward._transform's Normalize
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROMPTS = ["a red cat", "two blue dogs on a green square", "a photo of a big circle", "the cat",
            "a small dog with a red circle", "green", "an [DEC] photo"]  # fmt: skip
-
-
-def _reference_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under the reference names, shaped as BLIP_Pretrain + MLP would save them."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * scale
-
-    def linear(prefix: str, d_in: int, d_out: int) -> None:
-        state[prefix + "weight"] = randn(d_out, d_in, scale=d_in**-0.5)
-        state[prefix + "bias"] = randn(d_out, scale=0.1)
-
-    def norm(prefix: str, dim: int) -> None:
-        state[prefix + "weight"] = 1 + randn(dim, scale=0.1)
-        state[prefix + "bias"] = randn(dim, scale=0.1)
-
-    state: dict[str, torch.Tensor] = {}
-    v, dv, dt = "blip.visual_encoder.", VIT["width"], MED["hidden_size"]
-    # A small input stream (std ~1e-3) makes the first LayerNorm's eps (1e-6 in vit.py) matter.
-    state[v + "cls_token"] = randn(1, 1, dv, scale=1e-3)
-    state[v + "pos_embed"] = randn(1, (SIZE // PATCH) ** 2 + 1, dv, scale=1e-3)
-    state[v + "patch_embed.proj.weight"] = randn(
-        dv, 3, PATCH, PATCH, scale=1e-3 * (3 * PATCH * PATCH) ** -0.5
-    )
-    state[v + "patch_embed.proj.bias"] = randn(dv, scale=1e-3)
-    for i in range(VIT["depth"]):
-        b = f"{v}blocks.{i}."
-        norm(b + "norm1.", dv)
-        linear(b + "attn.qkv.", dv, 3 * dv)
-        linear(b + "attn.proj.", dv, dv)
-        norm(b + "norm2.", dv)
-        linear(b + "mlp.fc1.", dv, VIT["mlp"])
-        linear(b + "mlp.fc2.", VIT["mlp"], dv)
-    norm(v + "norm.", dv)
-    t = "blip.text_encoder."
-    state[t + "embeddings.word_embeddings.weight"] = randn(MED["vocab_size"], dt)
-    state[t + "embeddings.position_embeddings.weight"] = randn(
-        MED["max_position_embeddings"], dt, scale=0.5
-    )
-    state[t + "embeddings.position_ids"] = torch.arange(
-        MED["max_position_embeddings"]
-    ).expand(1, -1)
-    norm(t + "embeddings.LayerNorm.", dt)
-    for i in range(MED["num_hidden_layers"]):
-        layer = f"{t}encoder.layer.{i}."
-        for block, d_kv in (("attention.", dt), ("crossattention.", dv)):
-            linear(layer + block + "self.query.", dt, dt)
-            linear(layer + block + "self.key.", d_kv, dt)
-            linear(layer + block + "self.value.", d_kv, dt)
-            linear(layer + block + "output.dense.", dt, dt)
-            norm(layer + block + "output.LayerNorm.", dt)
-        linear(layer + "intermediate.dense.", dt, MED["intermediate_size"])
-        linear(layer + "output.dense.", MED["intermediate_size"], dt)
-        norm(layer + "output.LayerNorm.", dt)
-    linear("blip.vision_proj.", dv, 16)
-    linear("blip.text_proj.", dt, 16)
-    for index, (d_in, d_out) in zip(
-        (0, 2, 4, 6, 7), itertools.pairwise([dt, 1024, 128, 64, 16, 1]), strict=True
-    ):
-        linear(f"mlp.layers.{index}.", d_in, d_out)
-    return state
-
-
-@pytest.fixture(scope="module")
-def tiny_imagereward(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``weights/`` (ImageReward.pt + med_config.json) and ``tokenizer/`` (a tiny WordPiece BERT tokenizer)."""
-    from transformers import BertTokenizerFast
-
-    root = tmp_path_factory.mktemp("imagereward")
-    (root / "vocab").mkdir()
-    (root / "vocab" / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    BertTokenizerFast.from_pretrained(root / "vocab").save_pretrained(
-        root / "tokenizer"
-    )
-    (root / "weights").mkdir()
-    torch.save(_reference_state(), root / "weights" / "ImageReward.pt")
-    (root / "weights" / "med_config.json").write_text(json.dumps(MED))
-    return {"weights": root / "weights", "tokenizer": root / "tokenizer", "root": root}
 
 
 def _load(paths: dict[str, Path], **options: object) -> Scorer:
@@ -517,7 +427,7 @@ def test_key_mapping_round_trips_over_every_parameter(
     scorer = _load(tiny_imagereward)
     keys = list(scorer.network.state_dict())
     assert (
-        len(keys) == len(_reference_state()) - 5
+        len(keys) == len(reference_state()) - 5
     )  # all but the projections and position_ids
     for key in keys:
         reference = ours_to_reference(key)

@@ -41,17 +41,6 @@ from diffalign.data.images import to_rgb
 from diffalign.data.report import SkipReport
 
 REPO = Path(__file__).resolve().parents[2]
-CROP = 32
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny random CLIPModel + local tokenizer + a 32-pixel CLIP processor config, saved together."""
-    from diffalign.tiny import save_clip
-
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    vision = dict(tower, image_size=CROP, patch_size=8)
-    return save_clip(tmp_path_factory.mktemp("tiny_clip") / "clip", vision, tower, projection_dim=32, logit_scale=2.0)
 
 
 class Brightness:
