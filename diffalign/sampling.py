@@ -27,29 +27,20 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Protocol
 
 import numpy as np
 import PIL.Image
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffalign.backbones import Backbone, Conditioning
 from diffalign.noise import DISTILLED_TIMESTEPS, DDPMProcess, NoiseProcess, RectifiedFlowProcess
+from diffalign.prediction import Network, predict
 
 __all__ = [
-    "FewStepSampler", "Predictor", "StepCoefficients", "Trajectory",
+    "FewStepSampler", "StepCoefficients", "Trajectory",
     "ddpm_trailing_timesteps", "flow_sigmas", "gaussian_log_prob", "generate_images", "sampling_conditioning", "to_pil",
 ]  # fmt: skip
-
-
-class Predictor(Protocol):
-    """A reference-like network (trainers' Reference classes): predicts through the backbone, without grad."""
-
-    def predict(self, backbone: Backbone, noisy: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor: ...
-
-
-Network = nn.Module | Predictor
 
 
 @dataclass
@@ -154,25 +145,6 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
     residual = (x.double() - mean.double()).flatten(1)
     dims = residual.shape[1]
     return -0.5 * (residual / std).pow(2).sum(dim=1) - dims * math.log(std) - 0.5 * dims * math.log(2 * math.pi)
-
-
-def _predict(
-    backbone: Backbone,
-    network: Network,
-    noisy: Tensor,
-    timesteps: Tensor,
-    conditioning: Conditioning,
-    dtype: torch.dtype | None,
-) -> Tensor:
-    """One network call, dispatched as trainers/step.py's group_errors does; the prediction in float32."""
-    if dtype is not None:
-        noisy = noisy.to(dtype)
-        conditioning = {k: v.to(dtype) if v.is_floating_point() else v for k, v in conditioning.items()}
-    if isinstance(network, nn.Module):
-        prediction = backbone.predict(network, noisy, timesteps, conditioning)
-    else:
-        prediction = network.predict(backbone, noisy, timesteps, conditioning)
-    return prediction.float()
 
 
 class FewStepSampler:
@@ -314,7 +286,7 @@ class FewStepSampler:
         states = [x]
         for k, stochastic in enumerate(self.stochastic.tolist()):
             timesteps = self.timesteps[k].to(device).expand(n)
-            prediction = _predict(backbone, network, x, timesteps, conditioning, dtype)
+            prediction = predict(backbone, network, x, timesteps, conditioning, dtype).float()
             x = self.step(k, x, prediction, draw() if stochastic else None)
             states.append(x)
         return Trajectory(torch.stack(states), self.timesteps.clone(), self.stochastic.clone())
@@ -351,7 +323,7 @@ class FewStepSampler:
         log_probs = []
         for k in chosen:
             x = trajectory.latents[k]
-            prediction = _predict(backbone, network, x, self.timesteps[k].to(x.device).expand(n), conditioning, dtype)
+            prediction = predict(backbone, network, x, self.timesteps[k].to(x.device).expand(n), conditioning, dtype).float()
             mean = self.mean(k, x.double(), prediction.double())  # float64: see gaussian_log_prob
             log_probs.append(gaussian_log_prob(trajectory.latents[k + 1], mean, self.coefficients[k].std))
         if not log_probs:

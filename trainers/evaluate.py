@@ -16,14 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from diffalign.backbones import Backbone
 from diffalign.data import EpochBatchSampler, GroupTransform, PreferenceDataset, SkipReport, collate_groups, derive_seed
 from diffalign.data.sources import PreferenceSource
+from diffalign.prediction import Network
 
-from .models import Reference
 from .objectives.rankdpo import pairwise_accuracy
 from .step import draw_noise, encode_groups, group_errors, group_generators
 
@@ -63,8 +62,8 @@ class HeldoutScores:
 @torch.no_grad()
 def heldout_scores(
     backbone: Backbone,
-    policy: nn.Module | Reference,
-    reference: nn.Module | Reference,
+    policy: Network,
+    reference: Network,
     source: PreferenceSource,
     resolution: int,
     draws: int = 8,

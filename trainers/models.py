@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from diffalign.backbones import Backbone, Conditioning
+from diffalign.prediction import Predictor
 
 from .config import LoraSection, TrainSection
 
-class Reference(Protocol):
-    """Something that predicts like the frozen base model, without gradients."""
-
-    def predict(self, backbone: Backbone, noisy: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor: ...
-
 
 class AdaptersDisabledReference:
-    """LoRA reference: the policy network itself with adapters switched off for one call."""
+    """LoRA reference (a Predictor): the policy network itself with adapters switched off for one call."""
 
     def __init__(self, network: nn.Module) -> None:
         self.network = network
@@ -45,7 +41,7 @@ class AdaptersDisabledReference:
 
 
 class FrozenCopyReference:
-    """Full fine-tuning reference: a frozen network (a copy of the base)."""
+    """Full fine-tuning reference (a Predictor): a frozen network (a copy of the base)."""
 
     def __init__(self, network: nn.Module) -> None:
         self.network = network.requires_grad_(False).eval()
@@ -82,7 +78,7 @@ def build_policy_and_reference(
     needs_reference: bool,
     weight_dtype: torch.dtype,
     device: torch.device | str = "cpu",
-) -> tuple[nn.Module, Reference | None]:
+) -> tuple[nn.Module, Predictor | None]:
     """Make the trainable policy and, if the method needs one, its reference (on ``device``)."""
     network = backbone.denoiser
     if mode == "lora":

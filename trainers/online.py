@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from diffalign.backbones import Backbone
 from diffalign.data import derive_seed
+from diffalign.prediction import Predictor
 from diffalign.sampling import FewStepSampler, sampling_conditioning, to_pil
 
-from .models import Reference
 from .objectives import Objective, ObjectiveOutput, implicit_accuracy
 
 Reward = Callable[[list[PIL.Image.Image], list[str]], Any]  # -> [N] scores, higher is better
@@ -67,7 +67,7 @@ class SampledStep:
         if not self.sampler.stochastic.any():
             raise ValueError("online PSO needs at least one stochastic sampler step (num_steps >= 2, eta > 0)")
 
-    def __call__(self, policy: nn.Module, reference: Reference | None, batch: dict) -> ObjectiveOutput:
+    def __call__(self, policy: nn.Module, reference: Predictor | None, batch: dict) -> ObjectiveOutput:
         if reference is None:
             raise ValueError("online PSO needs a reference model but none was built")
         prompts: list[str] = list(batch["prompts"])

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.backbones import Backbone, Conditioning
-from diffalign.noise import per_sample_error
+from diffalign.prediction import Network, Predictor, denoising_errors
 
-from .models import Reference
 from .objectives import Objective, ObjectiveOutput
 
 
@@ -93,30 +92,22 @@ def encode_groups(backbone: Backbone, batch: dict, resolution: int, drop_prompt:
 
 def group_errors(
     backbone: Backbone,
-    predict_network: nn.Module | Reference,
+    network: Network,
     groups: EncodedGroups,
     eps: Tensor,
     timesteps: Tensor,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Per-sample denoising errors [G, K] of the policy (an nn.Module) or a Reference.
+    """Per-sample denoising errors [G, K] of the policy (an nn.Module) or a reference (a Predictor).
 
     eps: [G, C, h, w] (one draw per group); timesteps: [G] (one per group).
     """
     g, k = groups.num_groups, groups.group_size
-    x0 = _k_major(groups.latents)
-    noise = eps.repeat(k, 1, 1, 1)
-    t = timesteps.repeat(k)
-    noised = backbone.noise.noise(x0, noise, t)
-    conditioning = groups.flat_conditioning()
-    noisy = noised.noisy if dtype is None else noised.noisy.to(dtype)
-    if dtype is not None:
-        conditioning = {key: value.to(dtype) if value.is_floating_point() else value for key, value in conditioning.items()}
-    if isinstance(predict_network, nn.Module):
-        prediction = backbone.predict(predict_network, noisy, noised.timesteps, conditioning)
-    else:
-        prediction = predict_network.predict(backbone, noisy, noised.timesteps, conditioning)
-    return per_sample_error(prediction, noised.target).reshape(k, g).transpose(0, 1)
+    errors = denoising_errors(
+        backbone, network, _k_major(groups.latents), eps.repeat(k, 1, 1, 1), timesteps.repeat(k),
+        groups.flat_conditioning(), dtype,
+    )
+    return errors.reshape(k, g).transpose(0, 1)
 
 
 def group_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -147,7 +138,7 @@ def prepare_groups(
 def objective_step(
     backbone: Backbone,
     policy: nn.Module,
-    reference: Reference | None,
+    reference: Predictor | None,
     objective: Objective,
     groups: EncodedGroups,
     generators: list[torch.Generator],
@@ -175,6 +166,6 @@ class DenoisingStep:
         self.empty_prompt_prob = empty_prompt_prob
         self.weight_dtype = weight_dtype
 
-    def __call__(self, policy: nn.Module, reference: Reference | None, batch: dict) -> ObjectiveOutput:
+    def __call__(self, policy: nn.Module, reference: Predictor | None, batch: dict) -> ObjectiveOutput:
         groups, generators = prepare_groups(self.backbone, batch, self.resolution, self.empty_prompt_prob)
         return objective_step(self.backbone, policy, reference, self.objective, groups, generators, self.weight_dtype)

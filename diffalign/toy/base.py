@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from diffalign.backbones import StableDiffusionBackbone
 from diffalign.atomic import staged_folder
 from diffalign.fingerprint import fingerprint
-from diffalign.noise import DDPMProcess, per_sample_error
+from diffalign.noise import DDPMProcess
+from diffalign.prediction import denoising_errors
 from diffalign.tiny import build_pipeline
 from diffalign.toy.world import ToyWorldSpec, write_toy_world
 
@@ -97,7 +98,7 @@ def fit_vae(vae, images: torch.Tensor, recipe: ToyBaseRecipe, generator: torch.G
 
 
 def pretrain_unet(backbone: StableDiffusionBackbone, winners: torch.Tensor, captions: list[str], recipe: ToyBaseRecipe, generator: torch.Generator, log=print) -> None:
-    """The ordinary denoising loss on (winner, caption), with shared core pieces (noise process, predict)."""
+    """The ordinary denoising loss on (winner, caption), through the core's one prediction path (diffalign.prediction)."""
     with torch.no_grad():
         latents = torch.cat([backbone.encode_images(winners[i : i + 256]) for i in range(0, len(winners), 256)])
         texts = sorted(set(captions)) + [""]
@@ -114,9 +115,7 @@ def pretrain_unet(backbone: StableDiffusionBackbone, winners: torch.Tensor, capt
         x0 = latents[rows]
         eps = torch.randn(x0.shape, generator=generator)
         t = backbone.noise.sample_timesteps(recipe.batch_size, generator)
-        noised = backbone.noise.noise(x0, eps, t)
-        prediction = backbone.predict(unet, noised.noisy, noised.timesteps, {"prompt_embeds": embeds[conditioning]})
-        loss = per_sample_error(prediction, noised.target).mean()
+        loss = denoising_errors(backbone, unet, x0, eps, t, {"prompt_embeds": embeds[conditioning]}).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
