@@ -165,7 +165,7 @@ def test_pso_online_raises_the_heldout_reward(toy_cache_root, tmp_path):
     from diffalign.trainers.config import train_config_from_dict
     from diffalign.trainers.export import load_trained_denoiser
     from diffalign.trainers.loop import train
-    from diffalign.trainers.online import heldout_online
+    from diffalign.trainers.pso.online import heldout_online
     from diffalign.config import apply_overrides
     from diffalign.toy.base import ensure_toy_world_and_base
 

@@ -81,7 +81,7 @@ def build_training_data(config: TrainConfig, backbone: Backbone, layout: DataLay
         prompts = PromptSource(config.data.path, report, config.data.max_rows)
         return TrainingData(KeyedDataset(PromptDataset(prompts), config.train.seed), with_noise_seeds(collate_prompts), report, prompts.name)
     if layout == "sampled_reference_pairs":
-        from .pso_references import ensure_reference_pairs
+        from .pso.references import ensure_reference_pairs
 
         pairs = ensure_reference_pairs(config, backbone, accelerator)
         config = config.model_copy(update={"data": config.data.model_copy(update={"path": str(pairs), "format": "jsonl"})})

@@ -38,7 +38,7 @@ from .models import (
     enable_memory_savers,
 )
 from .objectives import objective_entry
-from .online import Reward, SampledStep, resolve_reward
+from .pso.online import Reward, SampledStep, resolve_reward
 from .step import DenoisingStep
 
 logger = logging.getLogger("diffalign.train")

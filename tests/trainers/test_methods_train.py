@@ -221,7 +221,7 @@ def test_pso_offline_runs_on_every_family_and_samples_references_once(family, mo
     manifest = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
     assert len(manifest) == 16 and all((folder / row["rejected"]).is_file() for row in manifest)
 
-    from diffalign.trainers import pso_references
+    from diffalign.trainers.pso import references as pso_references
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("the cached reference images must be reused")

@@ -168,7 +168,7 @@ def _build_offline(config: PSOConfig):
     return PSO(config.beta, config.loser_weight)
 
 
-# Offline PSO pairs each training image with a sample of the initial model (trainers/pso_references.py).
+# Offline PSO pairs each training image with a sample of the initial model (trainers/pso/references.py).
 register_objective("pso", PSOConfig, _build_offline, data="sampled_reference_pairs")  # type: ignore[arg-type]
 register_objective(
     "pso-online", PSOOnlineConfig, lambda c: PSOOnline(c.beta, c.clip_range), data="prompts", step="sampled"  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from diffalign.data import BadRowError, SkipReport, derive_seed, open_source
 from diffalign.fingerprint import fingerprint
 from diffalign.sampling import generate_images, to_pil
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 MANIFEST = "pairs.jsonl"
 def _weights_fingerprint(config: TrainConfig) -> str:

@@ -23,7 +23,7 @@ from diffalign.data import derive_seed
 from diffalign.prediction import Predictor
 from diffalign.sampling import FewStepSampler, sampling_conditioning, to_pil
 
-from .objectives import Objective, ObjectiveOutput, implicit_accuracy
+from ..objectives import Objective, ObjectiveOutput, implicit_accuracy
 
 Reward = Callable[[list[PIL.Image.Image], list[str]], Any]  # -> [N] scores, higher is better
 SAMPLES_PER_PROMPT = 2
