@@ -34,6 +34,9 @@ class LoadOptions:
         return {"subfolder": subfolder, "revision": self.revision, "variant": self.variant}
 
 
+# The UNets' attention projections, which diffusers' own LoRA training scripts adapt (SD 1.x/2.x, SDXL).
+UNET_LORA_TARGETS: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+
 class Backbone(Protocol):
     """What every model family provides to the loop."""
 

@@ -9,6 +9,7 @@ from diffalign.noise import NoiseProcess
 
 from .base import (
     Conditioning,
+    UNET_LORA_TARGETS,
     LoadOptions,
     freeze,
     move_frozen,
@@ -27,8 +28,7 @@ class StableDiffusionBackbone:
     denoiser_subfolder = "unet"
     lora_layers_argument = "unet_lora_layers"
     pipeline_class_name = "StableDiffusionPipeline"
-    # The attention projections diffusers' own LoRA training scripts adapt.
-    lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
+    lora_target_modules = UNET_LORA_TARGETS
 
     def __init__(self, unet: nn.Module, noise: NoiseProcess, tokenizer=None, text_encoder=None, vae=None) -> None:
         self.denoiser = unet
