@@ -121,7 +121,8 @@ def run_quickstart(output_dir: Path, overrides: list[str] | None = None, cache_r
     base_unet = backbone.denoiser
 
     print("[2/4] held-out implicit accuracy before training (policy = reference, so every pair ties)")
-    before = accuracy_by_kind(heldout_scores(backbone, base_unet, base_unet, heldout, config.data.resolution), world.heldout)
+    before_scores = heldout_scores(backbone, base_unet, base_unet, heldout, config.data.resolution)
+    before = accuracy_by_kind(before_scores, world.heldout)
 
     print(f"[3/4] Diffusion-DPO: {config.train.max_steps} steps, beta {config.method.beta}, {config.train.mode} fine-tune")  # type: ignore[attr-defined]
     result = train(config)
@@ -129,7 +130,7 @@ def run_quickstart(output_dir: Path, overrides: list[str] | None = None, cache_r
     print("[4/4] held-out implicit accuracy after training, plots and samples")
     fresh_base = load_backbone(config.model, load_encoders=False).denoiser  # the saved weights are evaluated, not the in-memory ones
     trained = load_trained_denoiser(result.final_dir, fresh_base)
-    after = accuracy_by_kind(heldout_scores(backbone, trained, base_unet, heldout, config.data.resolution), world.heldout)
+    after = accuracy_by_kind(heldout_scores(backbone, trained, base_unet, heldout, config.data.resolution, reuse=before_scores), world.heldout)
     curves = plot_curves(result.metrics_file, output_dir / "curves.png")
     grid = sample_grid(base, trained, toy_prompts(recipe.world), output_dir / "samples.png")
     elapsed = time.perf_counter() - started

@@ -47,7 +47,7 @@ def run_toy(root: Path, out: Path, method: dict, data: Path, heldout: Path, *ove
     trained = load_trained_denoiser(result.final_dir, load_backbone(config.model, load_encoders=False).denoiser)
     source = open_preference_source(str(heldout), report=SkipReport())
     before = heldout_scores(backbone, backbone.denoiser, backbone.denoiser, source, config.data.resolution)
-    after = heldout_scores(backbone, trained, backbone.denoiser, source, config.data.resolution)
+    after = heldout_scores(backbone, trained, backbone.denoiser, source, config.data.resolution, reuse=before)  # the base's errors once
     return before, after
 
 

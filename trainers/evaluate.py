@@ -35,6 +35,8 @@ class HeldoutScores:
     implicit: torch.Tensor  # [N, K] sum_d (L_theta - L_ref), best image first
     policy: torch.Tensor  # [N, K] mean_d L_theta
     labels: torch.Tensor | None = None  # [N, K] label scores when the data has them
+    reference_errors: torch.Tensor | None = None  # [N, draws, K] the reference's per-draw errors, for reuse
+    draws_seed: tuple[int, int] | None = None  # (draws, seed) the pass used; a reusing pass must match
 
     @property
     def scores(self) -> torch.Tensor:
@@ -69,8 +71,18 @@ def heldout_scores(
     draws: int = 8,
     batch_size: int = 32,
     seed: int = 1234,
+    reuse: HeldoutScores | None = None,
 ) -> HeldoutScores:
-    """Score every held-out group; deterministic in ``seed`` (the same draws for any two models)."""
+    """Score every held-out group; deterministic in ``seed`` (the same draws for any two models).
+
+    The reference's errors are computed once per draw, not twice: when ``policy is reference`` (the
+    "before training" pass) they serve as the policy's too, and ``reuse``, an earlier pass over the same
+    source with the same reference, draws and seed, lends its reference errors to this one. The
+    forward is deterministic, so the figures equal those of recomputing; a "before, then after"
+    evaluation costs two model passes instead of four.
+    """
+    if reuse is not None and (reuse.reference_errors is None or reuse.draws_seed != (draws, seed)):
+        raise ValueError(f"reuse: that pass used (draws, seed) = {reuse.draws_seed}, this one ({draws}, {seed})")
     dataset = PreferenceDataset(source, GroupTransform(resolution, center_crop=True, random_flip=False), seed)
     sampler = EpochBatchSampler(len(source), batch_size, seed, shuffle=False, drop_last=False, num_epochs=1)
     report = SkipReport()
@@ -78,24 +90,34 @@ def heldout_scores(
     implicit: list[torch.Tensor] = []
     policy_means: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
+    reference_draws: list[torch.Tensor] = []
     for batch in DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_groups):
         report.record_all(source.name, batch["skipped"])
         if not batch["row_ids"]:
             continue
+        start = len(row_ids)
+        if reuse is not None and reuse.row_ids[start : start + len(batch["row_ids"])] != list(batch["row_ids"]):
+            raise ValueError("reuse: that pass scored other rows (another source?)")
         groups = encode_groups(backbone, batch, resolution)
         total = torch.zeros(groups.num_groups, groups.group_size)
         policy_total = torch.zeros_like(total)
+        batch_reference: list[torch.Tensor] = []
         for draw in range(draws):
             seeds = [derive_seed("heldout", seed, row_id, draw) for row_id in batch["row_ids"]]
             eps, timesteps = draw_noise(groups, backbone, group_generators(seeds))
-            policy_errors = group_errors(backbone, policy, groups, eps, timesteps)
-            reference_errors = group_errors(backbone, reference, groups, eps, timesteps)
+            if reuse is not None:
+                reference_errors = reuse.reference_errors[start : start + groups.num_groups, draw].to(eps.device)  # type: ignore[index]
+            else:
+                reference_errors = group_errors(backbone, reference, groups, eps, timesteps)
+            policy_errors = reference_errors if policy is reference else group_errors(backbone, policy, groups, eps, timesteps)
             total += (policy_errors - reference_errors).cpu()
             policy_total += policy_errors.cpu()
+            batch_reference.append(reference_errors.cpu())
         row_ids.extend(batch["row_ids"])
         implicit.append(total)
         policy_means.append(policy_total / draws)
+        reference_draws.append(torch.stack(batch_reference, dim=1))  # kept in their own dtype
         if batch["scores"] is not None:
             labels.append(batch["scores"].float())
     label_tensor = torch.cat(labels) if len(labels) == len(implicit) and labels else None
-    return HeldoutScores(row_ids, torch.cat(implicit), torch.cat(policy_means), label_tensor)
+    return HeldoutScores(row_ids, torch.cat(implicit), torch.cat(policy_means), label_tensor, torch.cat(reference_draws), (draws, seed))
