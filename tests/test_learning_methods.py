@@ -157,7 +157,8 @@ def test_pso_online_raises_the_heldout_reward(toy_cache_root, tmp_path):
 
     Across CPUs: on a 2-core AMD EPYC (AVX2) machine, whose toy base differs (base reward −0.2061),
     the same run gives −0.2011 and a 0.67 win rate. The thresholds (a gain above 0.003, a win rate
-    of at least 0.6) sit below both machines' figures; the untrained policy scores exactly 0.5.
+    of at least 0.6) sit below both machines' figures. That the measures score an untrained policy
+    exactly 0.5 is checked on the tiny model (tests/trainers/test_methods_train.py).
     """
     from diffalign.backbones import load_backbone
     from diffalign.toy.reward import toy_reward
@@ -186,5 +187,3 @@ def test_pso_online_raises_the_heldout_reward(toy_cache_root, tmp_path):
     print("PSO online held-out:", measures)
     assert measures["reward_policy"] > measures["reward_reference"] + 0.003
     assert measures["reward_win_rate"] >= 0.6
-    untrained = heldout_online(backbone, backbone.denoiser, backbone.denoiser, prompts(), toy_reward, 32)
-    assert untrained["implicit_acc"] == 0.5 and untrained["reward_win_rate"] == 0.5  # policy = reference
