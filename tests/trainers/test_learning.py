@@ -19,7 +19,7 @@ from pathlib import Path
 
 from diffalign.apps.quickstart import run_quickstart
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KINDS = ("colour", "shape", "degraded")
 
 
