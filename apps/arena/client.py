@@ -10,7 +10,6 @@ The session hash is the arena's session id, so one :class:`ArenaClient` is one v
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

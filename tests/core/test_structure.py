@@ -36,9 +36,13 @@ def _package_dirs() -> dict[str, Path]:
     return mapping or {"diffalign": ROOT / "diffalign"}
 
 
+PACKAGE_DIRS = _package_dirs()
+TOP_LEVEL = {name.split(".")[0] for name in PACKAGE_DIRS}  # an import of these is an import of the project
+
+
 def _project_modules() -> dict[str, Module]:
     modules: dict[str, Module] = {}
-    dirs = _package_dirs()
+    dirs = PACKAGE_DIRS
     for package, folder in dirs.items():
         for path in sorted(folder.rglob("*.py")):
             relative = path.relative_to(folder).with_suffix("")
@@ -88,11 +92,11 @@ def _analyse(modules: dict[str, Module]) -> None:
                         if alias.asname:
                             aliases[alias.asname] = alias.name if alias.name in modules else target
                     for part in alias.name.split("."):
-                        if _is_private(part) and alias.name.split(".")[0] in _package_dirs():
+                        if _is_private(part) and alias.name.split(".")[0] in TOP_LEVEL:
                             module.private_uses.append(f"line {node.lineno}: imports the private module {alias.name}")
             elif isinstance(node, ast.ImportFrom):
                 source = _resolve(module, node)
-                if source.split(".")[0] not in _package_dirs():
+                if source.split(".")[0] not in TOP_LEVEL:
                     continue
                 if any(_is_private(part) for part in source.split(".")):
                     module.private_uses.append(f"line {node.lineno}: imports from the private module {source}")
