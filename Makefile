@@ -17,8 +17,11 @@ install: $(BIN)/diffalign
 quickstart: install
 	$(BIN)/diffalign quickstart
 
+# Two workers (one torch thread each) on the 2-core machine the suite is timed on; PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) quickstart_out

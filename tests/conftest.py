@@ -21,6 +21,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # figure is bit-identical (checked: trained weights' held-out scores equal). libgomp reads it when
 # torch loads, which is after this file (no pytest plugin here imports torch); subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under `pytest -n N` (make test runs 2 workers) each worker gets one torch thread: on this 2-core
+# machine a toy training step takes 0.25 s on 1 thread and 0.18 s on 2, so two 1-thread workers do
+# 1.4x the work of one 2-thread process, while two 2-thread workers do no more (measured: 0.40 s/step
+# each). Thread count changes float rounding, like a different CPU does; no test may depend on it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILY_CONFIGS = {"sd15": "configs/sd15/dpo.yaml", "sd2": "configs/sd15/dpo.yaml", "sdxl": "configs/sdxl/dpo.yaml", "sd3": "configs/sd3/dpo.yaml"}
@@ -45,12 +51,42 @@ def toy_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def toy_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the session's toy world and toy base live (built once, ~2.5 min on 2 cores)."""
+    """Where the session's toy world and toy base live (built once, ~4.5 min on 2 cores).
+
+    Parallel workers share one folder beside their own temp folders; the builders lock it, so the
+    first worker builds and the others wait for it.
+    """
     from diffalign.toy.base import ensure_toy_world_and_base
 
-    root = tmp_path_factory.mktemp("toy-cache")
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent / "toy-cache" if shared else tmp_path_factory.mktemp("toy-cache")
     ensure_toy_world_and_base(root)
     return root
+
+
+# The learning tests, longest first, run before everything else. Under `--dist worksteal` the first
+# worker starts on them (building the toy base) while the other runs the rest, then takes learning
+# tests from the end of the first worker's queue: the short ones, so both finish together.
+LEARNING_ORDER = (
+    "test_pso_offline_in_the_few_step_setting_raises_heldout_accuracy",
+    "test_pso_online_raises_the_heldout_reward",
+    "test_lora_dpo_with_adapters_disabled_reference_learns",
+    "test_quickstart_dpo_raises_heldout_accuracy_on_every_loser_kind",
+    "test_dcpo_with_perturbed_loser_captions_raises_heldout_accuracy",
+    "test_rankdpo_raises_heldout_pairwise_accuracy_on_ranked_lists",
+    "test_mapo_raises_the_heldout_margin_without_a_reference",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LEARNING_ORDER)}
+
+    def position(item: pytest.Item) -> int:
+        if "toy_cache_root" not in getattr(item, "fixturenames", ()):
+            return len(rank) + 1
+        return rank.get(getattr(item, "originalname", item.name), len(rank))
+
+    items.sort(key=position)  # stable: everything else keeps its order
 
 
 def tiny_train_args(family: str, model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:

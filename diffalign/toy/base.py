@@ -29,6 +29,7 @@ import PIL.Image
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 from diffalign.backbones import StableDiffusionBackbone
 from diffalign.atomic import staged_folder
@@ -149,6 +150,13 @@ def build_toy_base(folder: str | Path, recipe: ToyBaseRecipe, train_parquet: str
 def ensure_toy_world_and_base(cache_root: str | Path, recipe: ToyBaseRecipe = ToyBaseRecipe(), n_heldout: int = 300, log=print):
     """Toy data and toy base under ``cache_root``, built on first use and reused after."""
     cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    # Two processes sharing a cache (parallel test workers, two quickstarts) build it once: the second waits.
+    with FileLock(cache_root / ".toy-base.lock"):
+        return _ensure_toy_world_and_base(cache_root, recipe, n_heldout, log)
+
+
+def _ensure_toy_world_and_base(cache_root: Path, recipe: ToyBaseRecipe, n_heldout: int, log):
     world = write_toy_world(cache_root / f"toy-world-{recipe.world.fingerprint()}", recipe.world, n_train=recipe.n_train, n_heldout=n_heldout, train_seed=recipe.seed, heldout_seed=recipe.seed + 1)
     base = cache_root / f"toy-base-{recipe.fingerprint()}"
     if not (base / "toy_base.json").is_file():
@@ -163,9 +171,14 @@ def ensure_toy_turbo(cache_root: str | Path, recipe: ToyBaseRecipe = ToyBaseReci
     t in {249, 499, 749, 999} only (``timestep_mode="distilled"``), so it samples in 4 steps
     and trains on those timesteps alone. Built once under ``cache_root`` and reused.
     """
+    world, base = ensure_toy_world_and_base(cache_root, recipe, log=log)
+    with FileLock(Path(cache_root) / ".toy-turbo.lock"):
+        return _ensure_toy_turbo(Path(cache_root), recipe, steps, world, base, log)
+
+
+def _ensure_toy_turbo(cache_root: Path, recipe: ToyBaseRecipe, steps: int, world, base: Path, log) -> Path:
     from diffusers import StableDiffusionPipeline
 
-    world, base = ensure_toy_world_and_base(cache_root, recipe, log=log)
     digest = hashlib.sha256(f"{recipe.fingerprint()}:turbo:{steps}".encode()).hexdigest()[:12]
     folder = Path(cache_root) / f"toy-turbo-{digest}"
     if (folder / "toy_base.json").is_file():

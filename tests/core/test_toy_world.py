@@ -232,3 +232,32 @@ def test_pick_a_pic_reader_reads_the_toy_world_unchanged(tmp_path):
         assert group.models == ["toy-truth", f"toy-{row['loser_kind']}"]
         winner, _ = _winner_loser(row)
         np.testing.assert_array_equal(np.asarray(group.images[0], np.float64), winner)
+
+
+def test_two_processes_sharing_a_toy_cache_build_the_base_once(tmp_path, monkeypatch):
+    """Parallel test workers (and two quickstarts) share one cache folder: the builder holds a file lock, so
+    the second caller waits and then finds the finished base instead of building (or clobbering) it again.
+    The build itself is replaced by a slow stand-in; two threads take the lock as two processes would."""
+    import threading
+    import time
+
+    from diffalign.toy import base as toy_base
+
+    builds = []
+
+    def slow_build(folder, recipe, train_parquet, log=print):
+        builds.append(folder)
+        time.sleep(0.5)
+        folder.mkdir(parents=True)
+        (folder / "toy_base.json").write_text("{}")
+        return folder
+
+    monkeypatch.setattr(toy_base, "write_toy_world", lambda folder, *a, **k: type("W", (), {"train": folder / "train.parquet"})())
+    monkeypatch.setattr(toy_base, "build_toy_base", slow_build)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(toy_base.ensure_toy_world_and_base(tmp_path)[1])) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and len(results) == 2 and results[0] == results[1] == builds[0]

@@ -141,7 +141,11 @@ def test_gradient_accumulation_1x4_equals_4x1(tiny_models, toy_pairs, train_args
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
     assert a["grad_norm"] > 0
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
-    assert a["implicit_acc"] == b["implicit_acc"]
+    # Metrics are averaged over the 4 micro-batches: the mean errors equal the batch of 4's. (Not
+    # implicit_acc: at step 0 every pair's margin is 0 up to rounding, so its sign, and the accuracy,
+    # is decided by the kernels: 0.5 for the batch of 4 and 0.625 for batches of 1 on one torch thread.)
+    for key in ("policy_err_winner", "policy_err_loser", "ref_err_winner", "ref_err_loser"):
+        assert a[key] > 0 and b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
 def test_dpo_gradient_scales_with_beta(tiny_models, toy_pairs, train_args, tmp_path):
