@@ -42,6 +42,11 @@ class ModelConfig(StrictModel):
         "uniform",
         description="'distilled' maps t to 250*(t mod 4)+249 for Turbo-style few-step models (DDPM only).",
     )
+    zero_terminal_snr: bool = Field(
+        False,
+        description="DDPM: rescale the schedule to zero terminal SNR (Lin et al. 2024), as the reference DPO scripts do "
+        "for SDXL-Turbo; used by training, the few-step sampler and PSO's reference images alike.",
+    )
     flow_weighting: Literal["logit_normal", "uniform", "mode"] = Field(
         "logit_normal", description="Rectified flow: density of the training timesteps (SD3 recipe: logit_normal)."
     )

@@ -51,6 +51,10 @@ def _expand(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(dtype=like.dtype, device=like.device)
 
 
+# diffusers' Euler/DPM-Solver schedulers: "close to 0 without being 0 so first sigma is not inf".
+ZERO_SNR_TERMINAL_ALPHA_BAR = 2.0**-24
+
+
 class DDPMProcess:
     """DDPM forward process: ``x_t = sqrt(ab_t) x0 + sqrt(1-ab_t) eps`` (Ho et al. 2020, eq. 4).
 
@@ -83,14 +87,29 @@ class DDPMProcess:
             raise ValueError("timestep_mode 'distilled' assumes 1000 training timesteps")
 
     @classmethod
-    def from_scheduler_config(cls, config: dict[str, Any], timestep_mode: str = "uniform") -> "DDPMProcess":
-        """Build from any DDPM-family scheduler config (PNDM, DDIM, Euler...), as the official scripts do."""
+    def from_scheduler_config(
+        cls, config: dict[str, Any], timestep_mode: str = "uniform", zero_terminal_snr: bool = False
+    ) -> "DDPMProcess":
+        """Build from any DDPM-family scheduler config (PNDM, DDIM, Euler...), as the official scripts do.
+
+        ``zero_terminal_snr``: rescale the betas so the last timestep is pure noise (Lin et al. 2024,
+        "Common Diffusion Noise Schedules and Sample Steps are Flawed", alg. 1), through diffusers' own
+        ``rescale_betas_zero_snr``, as the reference DPO scripts do for SDXL-Turbo. The terminal
+        alpha-bar is then set to 2**-24 instead of 0, as diffusers' Euler and DPM-Solver schedulers do,
+        so an epsilon-prediction model's x0 estimate stays finite at t = T; training, the few-step
+        sampler and PSO's reference images all read this one table.
+        """
         from diffusers import DDPMScheduler
 
         if "prediction_type" not in config:
             raise ValueError("scheduler config has no 'prediction_type'; cannot tell epsilon from v-prediction")
+        if zero_terminal_snr:
+            config = {**config, "rescale_betas_zero_snr": True}
         scheduler = DDPMScheduler.from_config(config)
-        return cls(scheduler.alphas_cumprod, config["prediction_type"], timestep_mode)  # type: ignore[arg-type]
+        alphas_cumprod = scheduler.alphas_cumprod.clone()
+        if zero_terminal_snr:
+            alphas_cumprod[-1] = ZERO_SNR_TERMINAL_ALPHA_BAR
+        return cls(alphas_cumprod, config["prediction_type"], timestep_mode)  # type: ignore[arg-type]
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
@@ -172,12 +191,15 @@ def noise_process_from_scheduler(
     flow_logit_mean: float = 0.0,
     flow_logit_std: float = 1.0,
     flow_mode_scale: float = 1.29,
+    zero_terminal_snr: bool = False,
 ) -> NoiseProcess:
     """Pick the process from the scheduler config a pipeline ships with."""
     class_name = str(config.get("_class_name", ""))
     if class_name.startswith("FlowMatch"):
         if timestep_mode != "uniform":
             raise ValueError("timestep_mode 'distilled' applies to DDPM models, not rectified flow")
+        if zero_terminal_snr:
+            raise ValueError("model.zero_terminal_snr applies to DDPM models; rectified flow already ends in pure noise")
         return RectifiedFlowProcess.from_scheduler_config(
             config,
             weighting=flow_weighting,  # type: ignore[arg-type]
@@ -185,7 +207,7 @@ def noise_process_from_scheduler(
             logit_std=flow_logit_std,
             mode_scale=flow_mode_scale,
         )
-    return DDPMProcess.from_scheduler_config(config, timestep_mode)
+    return DDPMProcess.from_scheduler_config(config, timestep_mode, zero_terminal_snr)
 
 
 def per_sample_error(prediction: Tensor, target: Tensor) -> Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffalign.config import ModelConfig
-from diffalign.noise import noise_process_from_scheduler
+from diffalign.config import ConfigError, ModelConfig
+from diffalign.noise import NoiseProcess, noise_process_from_scheduler
 
 from .base import (
     Backbone,
@@ -78,21 +78,29 @@ def load_backbone(config: ModelConfig, load_encoders: bool = True) -> Backbone:
     """
     family = detect_family(config.path, config.revision)
     if config.family != "auto" and config.family != family:
-        raise ValueError(f"model.family is {config.family!r} but {config.path!r} is a {family} pipeline")
-    noise = noise_process_from_scheduler(
-        load_scheduler_config(config.path, config.revision),
-        timestep_mode=config.timestep_mode,
-        flow_weighting=config.flow_weighting,
-        flow_logit_mean=config.flow_logit_mean,
-        flow_logit_std=config.flow_logit_std,
-        flow_mode_scale=config.flow_mode_scale,
-    )
+        raise ConfigError(f"model.family is {config.family!r} but {config.path!r} is a {family} pipeline")
+    try:
+        noise = _noise_process(config)
+    except ValueError as error:  # a setting that does not fit this model's schedule: a config error, not a crash
+        raise ConfigError(f"model {config.path!r}: {error}") from None
     options = LoadOptions(config.path, config.revision, config.variant)
     if family == "sd3":
         return StableDiffusion3Backbone.load(
             options, noise, load_encoders, use_t5=config.use_t5, max_sequence_length=config.max_sequence_length
         )
     return BACKBONES[family].load(options, noise, load_encoders)
+
+
+def _noise_process(config: ModelConfig) -> NoiseProcess:
+    return noise_process_from_scheduler(
+        load_scheduler_config(config.path, config.revision),
+        timestep_mode=config.timestep_mode,
+        flow_weighting=config.flow_weighting,
+        flow_logit_mean=config.flow_logit_mean,
+        flow_logit_std=config.flow_logit_std,
+        flow_mode_scale=config.flow_mode_scale,
+        zero_terminal_snr=config.zero_terminal_snr,
+    )
 
 
 __all__ = [

@@ -276,6 +276,38 @@ def test_distilled_with_a_flow_scheduler_is_an_error(scheduler_configs: dict[str
         noise_process_from_scheduler(scheduler_configs["sd15"], timestep_mode="distiled")
 
 
+def test_zero_terminal_snr_equals_diffusers_rescale_on_sdxls_schedule(scheduler_configs: dict[str, dict]) -> None:
+    """SDXL(-Turbo)'s schedule rescaled to zero terminal SNR (Lin et al. 2024) is diffusers' own rescale:
+    sqrt(alpha_bar) at t = 999 goes from 0.068 (stock) to 2**-12 (diffusers' Euler keeps alpha_bar_T = 2**-24,
+    not 0, so an epsilon model's x0 estimate is finite), every other timestep equal to diffusers' table; the
+    few-step sampler's first (t = 999) step reads the same value, so PSO's references sample on it."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from diffalign.noise import ZERO_SNR_TERMINAL_ALPHA_BAR
+    from diffalign.sampling import FewStepSampler
+
+    config = scheduler_configs["sdxl"]
+    stock = DDPMProcess.from_scheduler_config(config, "distilled")
+    rescaled = noise_process_from_scheduler(config, timestep_mode="distilled", zero_terminal_snr=True)
+    assert stock.alphas_cumprod[999].sqrt().item() == pytest.approx(0.068265, abs=1e-5)
+    assert rescaled.alphas_cumprod[999].item() == ZERO_SNR_TERMINAL_ALPHA_BAR
+    reference = DDPMScheduler.from_config({**config, "rescale_betas_zero_snr": True}).alphas_cumprod.double()
+    assert reference[999].item() == 0.0  # diffusers' DDPM table: exactly zero terminal SNR
+    torch.testing.assert_close(rescaled.alphas_cumprod[:999], reference[:999], rtol=0, atol=0)
+    euler = EulerAncestralDiscreteScheduler.from_config({**config, "rescale_betas_zero_snr": True})
+    assert euler.alphas_cumprod[-1].item() == ZERO_SNR_TERMINAL_ALPHA_BAR
+    assert (rescaled.alphas_cumprod[:999] - stock.alphas_cumprod[:999]).abs().max() > 1e-3  # really another schedule
+    sampler = FewStepSampler(rescaled, num_steps=4, eta=1.0)
+    assert sampler.timesteps.tolist() == [999, 749, 499, 249]
+    assert sampler.coefficients[0].a == pytest.approx(2.0**-12)
+    assert sampler.coefficients[0].a_prev == pytest.approx(reference[749].sqrt().item())
+
+
+def test_zero_terminal_snr_is_refused_for_rectified_flow(scheduler_configs: dict[str, dict]) -> None:
+    with pytest.raises(ValueError, match="zero_terminal_snr applies to DDPM"):
+        noise_process_from_scheduler(scheduler_configs["sd3"], zero_terminal_snr=True)
+
+
 # --------------------------------------------------------------------------- per-sample error
 
 

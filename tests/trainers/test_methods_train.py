@@ -201,8 +201,8 @@ def pso_args(method: str, family: str, model: Path, data: Path, out: Path, *extr
     """The SDXL-Turbo PSO recipes on a tiny model; a flow model (sd3) has no distilled timesteps."""
     args = method_args(method, family, model, data, out, *extra)
     args[1] = str(REPO / "configs" / "sdxl" / f"{'pso' if method == 'pso' else 'pso_online'}.yaml")
-    if family == "sd3":
-        args.append("model.timestep_mode=uniform")
+    if family == "sd3":  # neither distilled timesteps nor a zero-SNR rescale exist for a flow schedule
+        args += ["model.timestep_mode=uniform", "model.zero_terminal_snr=false"]
     if method == "pso":
         args.append(f"method.reference_dir={out.parent / 'references'}")
     else:

@@ -31,6 +31,8 @@ def _weights_fingerprint(config: TrainConfig) -> str:
     """The encoders' fingerprint plus the denoiser's files: the reference images depend on both."""
     root = Path(config.model.path)
     stats: dict[str, Any] = {"encoders": model_fingerprint(config.model), "timestep_mode": config.model.timestep_mode}
+    if config.model.zero_terminal_snr:  # another schedule samples other references (absent when off: old keys stay valid)
+        stats["zero_terminal_snr"] = True
     for folder in DENOISER_SUBFOLDERS:
         for file in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
             stat = file.stat()
