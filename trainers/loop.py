@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffalign.backbones import load_backbone
+from diffalign.config import ConfigError
 from diffalign.dtypes import parse_dtype
 
 from .checkpoint import read_state, register_denoiser_hooks, resolve_resume, save_checkpoint
@@ -72,6 +73,11 @@ def train(config: TrainConfig, reward: Reward | None = None) -> TrainResult:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     try:
+        if config.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            raise ConfigError(
+                "train.mixed_precision=fp16 needs a GPU: PyTorch's CPU kernels do not run fp16 training. "
+                "On CPU use train.mixed_precision=bf16 (fast on CPUs with AMX / AVX512-BF16) or no."
+            )
         return _run(config, accelerator, reward)
     finally:
         # accelerate keeps process-wide singletons; release them (not the process group) so another

@@ -55,17 +55,24 @@ def _k_major(value: Tensor) -> Tensor:
     return value.transpose(0, 1).reshape(-1, *value.shape[2:])
 
 
+def _as_float32(value: Tensor) -> Tensor:
+    return value.float() if value.is_floating_point() else value
+
+
 def encode_groups(backbone: Backbone, batch: dict, resolution: int, drop_prompt: Tensor | None = None) -> EncodedGroups:
     """Encode a raw batch (pixels + prompts), or pass a cached one (latents + embeddings) through.
 
     ``drop_prompt`` [G] bool: groups whose prompt becomes '' (empty-prompt dropout).
     """
     if "latents" in batch:
-        text = {key: value.clone() for key, value in batch["text"].items()}
+        # A cache may be stored in float16/bfloat16 (`diffalign cache --dtype`) to halve its size; the step
+        # computes in float32 like an encoded batch (autocast or the reference's weight dtype casts from there).
+        text = {key: _as_float32(value).clone() for key, value in batch["text"].items()}
         if drop_prompt is not None and drop_prompt.any():
             for key, value in text.items():
                 value[drop_prompt] = batch["empty_text"][key].to(value.dtype)
-        return EncodedGroups(batch["latents"], text, batch["geometry"], text_per_image=True, scores=batch.get("scores"))
+        geometry = {key: _as_float32(value) for key, value in batch["geometry"].items()}
+        return EncodedGroups(_as_float32(batch["latents"]), text, geometry, text_per_image=True, scores=batch.get("scores"))
 
     pixels: Tensor = batch["pixel_values"]  # [G, K, 3, H, W]
     g, k = pixels.shape[:2]

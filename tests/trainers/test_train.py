@@ -193,6 +193,36 @@ def test_training_from_cache_matches_and_never_loads_encoders(family, tiny_model
     assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
 
 
+@pytest.mark.parametrize("cache_dtype", ["float16", "bfloat16"])
+def test_half_precision_cache_trains_in_fp32_and_bf16_runs(cache_dtype, tiny_models, toy_pairs, train_args, tmp_path):
+    """A cache written in half precision (half the disk and RAM) feeds fp32 and bf16 runs; it used to crash
+    with a Half/Float mismatch. At step 0 the policy is its reference, so the fp32 run's DPO loss is log 2."""
+    cache = tmp_path / "cache"
+    args = train_args("sdxl", tiny_models["sdxl"], toy_pairs, tmp_path / "run", "data.random_flip=false", f"data.cache_dir={cache}")
+    assert main(["cache", *args[1:], "--dtype", cache_dtype]) == 0
+    assert json.loads((cache / "manifest.json").read_text())["dtype"] == cache_dtype
+    for precision in ("no", "bf16"):
+        out = tmp_path / f"run-{precision}"
+        run = [a.replace(str(tmp_path / "run"), str(out)) for a in args]
+        assert main([*run, f"train.mixed_precision={precision}"]) == 0, precision
+        values = losses(out)
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), (precision, values)
+        if precision == "no":
+            assert values[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_zero_terminal_snr_on_a_flow_model_is_a_clear_error(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    assert main(train_args("sd3", tiny_models["sd3"], toy_pairs, tmp_path / "run", "model.zero_terminal_snr=true")) == 2
+    message = capsys.readouterr().err
+    assert "zero_terminal_snr applies to DDPM" in message and str(tiny_models["sd3"]) in message
+
+
+def test_fp16_mixed_precision_on_cpu_is_a_clear_error(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path / "run", "train.mixed_precision=fp16")) == 2
+    message = capsys.readouterr().err
+    assert "fp16 needs a GPU" in message and "bf16" in message
+
+
 def test_stale_cache_is_refused_with_what_changed(tiny_models, toy_pairs, train_args, tmp_path, capsys):
     cache = tmp_path / "cache"
     args = train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path / "run", "data.random_flip=false", f"data.cache_dir={cache}")
