@@ -72,6 +72,13 @@ class DataConfig(StrictModel):
     split: str = "train"
     resolution: int = Field(512, gt=0, description="Square training resolution in pixels.")
     center_crop: bool = Field(True, description="Centre crop (True) or one random crop per group (False).")
+    sdxl_size_conditioning: Literal["official", "first_image", "per_image"] = Field(
+        "official",
+        description="SDXL micro-conditioning (time ids) of each image: 'official' = [res, res, 0, 0, res, res] for every "
+        "image, as the official DiffusionDPO code (matches how images are sampled; tells the model nothing about "
+        "the photo); 'first_image' = image 0's size and crop for the whole group, as diffusers' DPO/MaPO scripts; "
+        "'per_image' = each image's own size and crop (winner and loser then differ in conditioning too).",
+    )
     random_flip: bool = Field(True, description="Flip a whole group horizontally with probability 0.5.")
     drop_ties: bool = Field(True, description="Drop tie rows (label 0.5); they are counted and reported.")
     empty_prompt_prob: float = Field(

@@ -95,6 +95,8 @@ def build_training_data(config: TrainConfig, backbone: Backbone, layout: DataLay
     source = open_source(config.data, report)
     if captioned:
         source = rows_with_captions(source, report, config.method.name)  # type: ignore[attr-defined]
-    transform = GroupTransform(config.data.resolution, config.data.center_crop, config.data.random_flip)
+    transform = GroupTransform(
+        config.data.resolution, config.data.center_crop, config.data.random_flip, config.data.sdxl_size_conditioning
+    )
     dataset = PreferenceDataset(source, transform, config.train.seed)
     return TrainingData(KeyedDataset(dataset, config.train.seed), with_noise_seeds(collate_groups), report, source.name)

@@ -83,7 +83,7 @@ def heldout_scores(
     """
     if reuse is not None and (reuse.reference_errors is None or reuse.draws_seed != (draws, seed)):
         raise ValueError(f"reuse: that pass used (draws, seed) = {reuse.draws_seed}, this one ({draws}, {seed})")
-    dataset = PreferenceDataset(source, GroupTransform(resolution, center_crop=True, random_flip=False), seed)
+    dataset = PreferenceDataset(source, GroupTransform(resolution, center_crop=True, random_flip=False, size_conditioning="official"), seed)
     sampler = EpochBatchSampler(len(source), batch_size, seed, shuffle=False, drop_last=False, num_epochs=1)
     report = SkipReport()
     row_ids: list[str] = []

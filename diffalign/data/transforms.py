@@ -11,17 +11,31 @@ micro-conditioning inputs, recorded the way diffusers'
 ``train_text_to_image_sdxl.py`` does: the size of the decoded image and the
 (top, left) of the crop in the resized image -- mirrored to
 ``w_resized - left - resolution`` when the crop is flipped.
+
+Which sizes SDXL is conditioned on differs between the reference implementations; ``size_conditioning``
+offers all three (``DataConfig.sdxl_size_conditioning`` documents the trade-off):
+
+* ``official``: every image as an uncropped square, ``[res, res, 0, 0, res, res]``, as the official
+  DiffusionDPO code (Wallace et al., 2023) trains SDXL. The model is told nothing about the photo's
+  size or crop; sampling uses the same ids, so training and generation agree.
+* ``first_image``: image 0's original size and crop for the whole group, as diffusers' DPO and MaPO
+  scripts do (one ``add_time_ids`` per row, repeated for both images).
+* ``per_image``: each image's own size and crop, as diffusers' SDXL fine-tuning script does for
+  single images; winner and loser then differ in conditioning as well as in content.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import PIL.Image
 import torch
 
-__all__ = ["GroupPixels", "GroupTransform"]
+__all__ = ["GroupPixels", "GroupTransform", "SizeConditioning"]
+
+SizeConditioning = Literal["official", "first_image", "per_image"]
 
 
 @dataclass
@@ -42,23 +56,29 @@ class GroupTransform:
             the same *fraction* (u, v) of each image's slack, so images of
             different aspect in one group are cropped alike.
         random_flip: horizontally flip the whole group with probability 0.5.
+        size_conditioning: which sizes and crops are recorded for SDXL (see the module docstring).
 
     Randomness comes only from the generator passed to ``__call__``; three
     numbers (u, v, flip) are always drawn, so the generator advances the same
     way whatever the options.
     """
 
-    def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = False) -> None:
+    def __init__(
+        self, resolution: int, center_crop: bool = True, random_flip: bool = False, size_conditioning: SizeConditioning = "per_image"
+    ) -> None:
         if resolution <= 0:
             raise ValueError(f"GroupTransform: resolution must be positive, got {resolution}")
+        if size_conditioning not in ("official", "first_image", "per_image"):
+            raise ValueError(f"GroupTransform: size_conditioning must be official, first_image or per_image, got {size_conditioning!r}")
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.size_conditioning = size_conditioning
 
     def __repr__(self) -> str:
         return (
             f"GroupTransform(resolution={self.resolution}, center_crop={self.center_crop}, "
-            f"random_flip={self.random_flip})"
+            f"random_flip={self.random_flip}, size_conditioning={self.size_conditioning!r})"
         )
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
@@ -101,6 +121,10 @@ class GroupTransform:
             pixels.append(t / 127.5 - 1.0)
             sizes.append((h, w))
             crops.append((top, left))
+        if self.size_conditioning == "official":
+            sizes, crops = [(res, res)] * len(images), [(0, 0)] * len(images)
+        elif self.size_conditioning == "first_image":
+            sizes, crops = [sizes[0]] * len(images), [crops[0]] * len(images)
         return GroupPixels(
             pixel_values=torch.stack(pixels),
             original_sizes=torch.tensor(sizes, dtype=torch.int64),

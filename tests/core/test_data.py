@@ -360,6 +360,24 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def test_sdxl_size_conditioning_official_first_image_and_per_image() -> None:
+    """A group of a portrait winner and a landscape loser: the three reference conventions, and the default
+    training config uses the official code's [res, res, 0, 0, res, res]; the pixels never change."""
+    from diffalign.backbones import sdxl_time_ids
+    from diffalign.config import DataConfig
+
+    images = [PIL.Image.new("RGB", (512, 768)), PIL.Image.new("RGB", (768, 512))]
+    out = {mode: GroupTransform(512, size_conditioning=mode)(images, gen(0)) for mode in ("official", "first_image", "per_image")}
+    ids = {mode: sdxl_time_ids(o.original_sizes, o.crop_top_lefts, 512).tolist() for mode, o in out.items()}
+    assert ids["official"] == [[512, 512, 0, 0, 512, 512]] * 2
+    assert ids["first_image"] == [[768, 512, 128, 0, 512, 512]] * 2
+    assert ids["per_image"] == [[768, 512, 128, 0, 512, 512], [512, 768, 0, 128, 512, 512]]
+    assert torch.equal(out["official"].pixel_values, out["per_image"].pixel_values)
+    assert DataConfig(path="x").sdxl_size_conditioning == "official"
+    with pytest.raises(ValueError, match="size_conditioning"):
+        GroupTransform(512, size_conditioning="mine")  # type: ignore[arg-type]
+
+
 def test_transform_center_crop_sdxl_coords() -> None:
     t = GroupTransform(512)
     out = t([PIL.Image.new("RGB", (512, 768)), PIL.Image.new("RGB", (768, 512))], gen(0))
