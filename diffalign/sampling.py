@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Literal
 
 import numpy as np
 import PIL.Image
@@ -38,7 +39,7 @@ from diffalign.noise import DISTILLED_TIMESTEPS, DDPMProcess, NoiseProcess, Rect
 from diffalign.prediction import Network, predict
 
 __all__ = [
-    "FewStepSampler", "StepCoefficients", "Trajectory",
+    "FewStepSampler", "LogProbReduction", "StepCoefficients", "Trajectory",
     "ddpm_trailing_timesteps", "flow_sigmas", "gaussian_log_prob", "generate_images", "sampling_conditioning", "to_pil",
 ]  # fmt: skip
 
@@ -134,17 +135,30 @@ def flow_sigmas(noise: RectifiedFlowProcess, num_steps: int) -> Tensor:
     return torch.cat([sigmas, torch.zeros(1)])
 
 
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
-    """log N(x; mean, std^2 I) summed over all dims but the first: [N, ...] -> [N], float64.
+LogProbReduction = Literal["mean", "sum"]
 
-    float64 because the value is about -D/2 (D = latent size, 65k for SDXL):
-    in float32 its rounding (~0.004) would swamp the log-ratios PSO clips at 0.1.
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: float, reduction: LogProbReduction = "mean") -> Tensor:
+    """log N(x; mean, std^2 I) per latent dimension, reduced over all dims but the first: [N, ...] -> [N], float64.
+
+    ``reduction="mean"`` (default) averages the per-dimension log-density, as the clipped-ratio lineage
+    PSO's online recipe comes from does (DDPO's ``ddim_step_with_logprob``, flow_grpo's
+    ``sd3_sde_with_logprob``), and where its β = 50 and ε = 0.1 were tuned. ``"sum"`` is the
+    joint log-density. The difference matters at real size: a policy whose mean moves by an RMS
+    of 1e-3 per dimension changes the *summed* log-ratio of an SDXL latent (4x128x128 = 65,536
+    dims) by about sqrt(D) * 1e-3 / s ~ 0.5, far outside log(1 +- 0.1), so every transition is
+    clipped and gives no gradient; the mean stays inside (tests/core/test_sampling.py).
+
+    float64 because the summed value is about -D/2: in float32 its rounding (~0.004) would swamp
+    the log-ratios PSO clips at 0.1.
     """
     if std <= 0:
         raise ValueError(f"a deterministic transition (std={std}) has no density")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     residual = (x.double() - mean.double()).flatten(1)
-    dims = residual.shape[1]
-    return -0.5 * (residual / std).pow(2).sum(dim=1) - dims * math.log(std) - 0.5 * dims * math.log(2 * math.pi)
+    per_dim = -0.5 * (residual / std).pow(2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return per_dim.mean(dim=1) if reduction == "mean" else per_dim.sum(dim=1)
 
 
 class FewStepSampler:
@@ -299,8 +313,12 @@ class FewStepSampler:
         conditioning: Conditioning,
         steps: Sequence[int] | None = None,
         dtype: torch.dtype | None = None,
+        reduction: LogProbReduction = "mean",
     ) -> Tensor:
         """log N(x_{k+1}; mu_net(x_k), s_k^2 I) of each stochastic transition: [N, S_stochastic], float64.
+
+        ``reduction``: per-dimension mean (default, the DDPO / Flow-GRPO convention) or sum over the
+        latent's dimensions; see :func:`gaussian_log_prob`.
 
         mu is recomputed with ``network`` (an nn.Module keeps its graph, so the
         policy's log-probs have gradients; a Predictor such as a reference runs
@@ -325,7 +343,7 @@ class FewStepSampler:
             x = trajectory.latents[k]
             prediction = predict(backbone, network, x, self.timesteps[k].to(x.device).expand(n), conditioning, dtype).float()
             mean = self.mean(k, x.double(), prediction.double())  # float64: see gaussian_log_prob
-            log_probs.append(gaussian_log_prob(trajectory.latents[k + 1], mean, self.coefficients[k].std))
+            log_probs.append(gaussian_log_prob(trajectory.latents[k + 1], mean, self.coefficients[k].std, reduction))
         if not log_probs:
             return torch.zeros(n, 0, dtype=torch.float64, device=trajectory.latents.device)
         return torch.stack(log_probs, dim=1)

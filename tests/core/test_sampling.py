@@ -281,7 +281,45 @@ def test_log_prob_by_hand() -> None:
     log_probs = sampler.transition_log_probs(_Identity(noise), _ZeroEps(), trajectory, {"c": torch.zeros(1, 1)})
     assert log_probs.shape == (1, 1)
     assert log_probs.item() == pytest.approx(-31.402059726708373, abs=1e-9)
-    assert gaussian_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), 1.0).item() == pytest.approx(-math.log(2 * math.pi))
+    assert gaussian_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), 1.0, "sum").item() == pytest.approx(-math.log(2 * math.pi))
+    assert gaussian_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), 1.0).item() == pytest.approx(-0.5 * math.log(2 * math.pi))
+    residual = torch.tensor([[1.0, 3.0]])  # per-dim log-density -0.5 r^2 - 0.5 log 2 pi: mean over dims -2.5 - 0.5 log 2 pi
+    assert gaussian_log_prob(residual, torch.zeros(1, 2), 1.0).item() == pytest.approx(-2.5 - 0.5 * math.log(2 * math.pi))
+    with pytest.raises(ValueError, match="reduction"):
+        gaussian_log_prob(residual, torch.zeros(1, 2), 1.0, "max")  # type: ignore[arg-type]
+
+
+def test_pso_log_ratios_of_a_small_policy_move_stay_inside_the_clip_at_sdxl_latent_size() -> None:
+    """At real size (an SDXL latent, 4x128x128 = 65,536 dims) on SDXL's own schedule, 4 trailing steps, eta 1:
+    a policy whose transition mean moves by an RMS of 1e-3 per dimension. The per-dimension mean log-ratio
+    (the default, as DDPO and Flow-GRPO reduce) stays far inside log(1 +- 0.1); the sum over dimensions
+    lands outside it at every stochastic step, so online PSO's clip would zero every gradient."""
+    from diffalign.trainers.objectives.pso import PSOOnline
+
+    noise = DDPMProcess.from_scheduler_config(
+        {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+    )
+    sampler = FewStepSampler(noise, num_steps=4, eta=1.0)
+    generator = torch.Generator().manual_seed(0)
+    objective = PSOOnline(beta=50.0, clip_range=0.1)
+    stochastic = [k for k, s in enumerate(sampler.stochastic.tolist()) if s]
+    assert len(stochastic) == 3
+    for k in stochastic:
+        std = sampler.coefficients[k].std
+        reference_mean = torch.randn(1, 4, 128, 128, generator=generator, dtype=torch.float64)
+        x_next = reference_mean + std * torch.randn(reference_mean.shape, generator=generator, dtype=torch.float64)
+        move = torch.randn(reference_mean.shape, generator=generator, dtype=torch.float64)
+        policy_mean = reference_mean + 1e-3 * move / move.pow(2).mean().sqrt()  # RMS exactly 1e-3
+        ratios = {
+            reduction: gaussian_log_prob(x_next, policy_mean, std, reduction) - gaussian_log_prob(x_next, reference_mean, std, reduction)
+            for reduction in ("mean", "sum")
+        }
+        assert ratios["mean"].abs().item() < 1e-4 < objective.high, (k, std, ratios)
+        assert ratios["sum"].abs().item() > objective.high, (k, std, ratios)  # what the summed form did: clipped
+        nll = {key: -value.reshape(1, 1, 1).expand(1, 2, 1) for key, value in ratios.items()}
+        zero = torch.zeros(1, 2, 1, dtype=torch.float64)
+        scores = torch.tensor([[1.0, 0.0]])
+        assert objective(nll["mean"] * torch.tensor([1.0, -1.0]).view(1, 2, 1), zero, scores).metrics["clip_fraction"] == 0
 
 
 class _FrozenCopy:

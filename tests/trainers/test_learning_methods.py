@@ -146,19 +146,23 @@ def test_pso_offline_in_the_few_step_setting_raises_heldout_accuracy(toy_cache_r
 
 def test_pso_online_raises_the_heldout_reward(toy_cache_root, tmp_path):
     """Two 4-step samples (η = 1) per prompt from the policy, ordered by the toy reward (−MSE to the
-    nearest rendering of the prompt); 100 steps of 12 prompts, lr 3e-6. Measured on 96 held-out
-    (prompt, seed) samples: mean reward −0.2517 (base) → −0.2359, the trained model's sample beating
-    the base's same-seed sample in 0.76 of cases (±0.05). lr 1e-5 gave −0.2256 but a 0.65 win rate;
-    lr 1e-4 left the ±10 % trust region on every transition within a few steps and the reward fell;
-    1e-6 barely moved (−0.28846 → −0.28812 on another seed set). The transition-level implicit
-    accuracy on base-sampled pairs stays at chance (0.51): the clipped ratios cap how far each
-    transition may move, and the gain shows in what the policy samples, not in how it re-scores the
-    base's samples.
+    nearest rendering of the prompt); 100 steps of 12 prompts, lr 3e-6. Per-transition log-probs are
+    the per-dimension mean over the latent (the default, as DDPO and Flow-GRPO reduce them).
 
-    Across CPUs: on a 2-core AMD EPYC (AVX2) machine, whose toy base differs (base reward −0.2061),
-    the same run gives −0.2011 and a 0.67 win rate. The thresholds (a gain above 0.003, a win rate
-    of at least 0.6) sit below both machines' figures. That the measures score an untrained policy
-    exactly 0.5 is checked on the tiny model (tests/trainers/test_methods_train.py).
+    Measured on 96 held-out (prompt, seed) samples, 2-core AMD EPYC (AVX-512), one torch thread as
+    `make test` runs it: mean reward −0.2517 (base) → −0.2244, the trained model's sample beating the
+    base's same-seed sample in 0.69 of cases (±0.05); no transition was clipped (clip fraction 0 at
+    the first and last step). lr 1e-5 (the recipe's): −0.2042, win rate 0.65.
+
+    With the earlier *summed* log-probs (1,024 latent dims here, 65,536 for SDXL) the same settings gave
+    −0.2359 and 0.76, and lr 1e-4 left the ±10 % trust region on every transition within a few steps.
+    The transition-level implicit accuracy on base-sampled pairs stays at chance (0.48-0.51): the gain
+    shows in what the policy samples, not in how it re-scores the base's samples.
+
+    Across CPUs: on a 2-core AMD EPYC (AVX2) machine, whose toy base differs (base reward −0.2061), the
+    summed form gave −0.2011 and a 0.67 win rate. The thresholds (a gain above 0.003, a win rate of at
+    least 0.6) sit below every figure measured. That the measures score an untrained policy exactly
+    0.5 is checked on the tiny model (tests/trainers/test_methods_train.py).
     """
     from diffalign.backbones import load_backbone
     from diffalign.toy.reward import toy_reward

@@ -13,7 +13,9 @@ weight are settings.
 
 Online (``pso-online``): two few-step samples per prompt from the current policy, a reward
 picks the winner, and per stochastic transition k of each sample the log-ratio
-log π_θ/π_ref of its Gaussian step is clipped to log(1 ± ε):
+log π_θ/π_ref of its Gaussian step (the per-dimension mean of the log-density over the latent,
+as in DDPO and Flow-GRPO, whose recipes give β = 50 and ε = 0.1; ``log_prob_reduction``) is
+clipped to log(1 ± ε):
 
     loss = -log sigmoid( β Σ_k h_k log clip(π_θ/π_ref, 1 - ε, 1 + ε) ),   h = +1 (winner), -1 (loser)
 
@@ -64,6 +66,12 @@ class PSOOnlineConfig(StrictModel):
     eta: float = Field(1.0, gt=0, le=1, description="Sampler stochasticity η of the non-final steps.")
     reward: str = Field("toy", description="Reward: 'toy' (toy world) or a scorer name from diffalign.scorers (e.g. pickscore).")
     reward_weights: str | None = Field(None, description="Scorer weights (hub id or local path) when reward is a scorer.")
+    log_prob_reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description="How a transition's Gaussian log-prob is reduced over latent dimensions before the ratio is clipped: "
+        "'mean' (DDPO / Flow-GRPO, where β 50 and ε 0.1 come from) or 'sum' (the joint density; clips almost every "
+        "transition of a real-size latent).",
+    )
 
 
 def _pairs(method: str, policy_errors: Tensor, reference_errors: Tensor | None) -> None:

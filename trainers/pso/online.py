@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from diffalign.backbones import Backbone
 from diffalign.data import derive_seed
 from diffalign.prediction import Predictor
-from diffalign.sampling import FewStepSampler, sampling_conditioning, to_pil
+from diffalign.sampling import FewStepSampler, LogProbReduction, sampling_conditioning, to_pil
 
 from ..objectives import Objective, ObjectiveOutput, implicit_accuracy
 
@@ -62,6 +62,7 @@ class SampledStep:
         self.resolution = resolution
         self.reward = reward
         self.weight_dtype = weight_dtype
+        self.reduction = method.log_prob_reduction
         # Trailing DDIM spacing: 4 steps of a distilled model land on its timesteps 999/749/499/249.
         self.sampler = FewStepSampler(backbone.noise, num_steps=method.num_steps, eta=method.eta)
         if not self.sampler.stochastic.any():
@@ -82,8 +83,12 @@ class SampledStep:
             images = to_pil(self.backbone.decode_latents(trajectory.final))
         rewards = reward_scores(self.reward, images, flat_prompts).reshape(k, g).transpose(0, 1)  # [G, K]
         order = torch.argsort(rewards, dim=1, descending=True, stable=True)  # winner first
-        policy_logp = self.sampler.transition_log_probs(self.backbone, policy, trajectory, conditioning, dtype=self.weight_dtype)
-        reference_logp = self.sampler.transition_log_probs(self.backbone, reference, trajectory, conditioning, dtype=self.weight_dtype)
+        policy_logp = self.sampler.transition_log_probs(
+            self.backbone, policy, trajectory, conditioning, dtype=self.weight_dtype, reduction=self.reduction
+        )
+        reference_logp = self.sampler.transition_log_probs(
+            self.backbone, reference, trajectory, conditioning, dtype=self.weight_dtype, reduction=self.reduction
+        )
         policy_nll = _groups(-policy_logp, g, k, order)
         reference_nll = _groups(-reference_logp, g, k, order).detach()
         output = self.objective(policy_nll, reference_nll, torch.gather(rewards, 1, order).to(policy_nll.dtype))
@@ -110,6 +115,7 @@ def heldout_online(
     eta: float = 1.0,
     seeds_per_prompt: int = 8,
     seed: int = 1234,
+    reduction: LogProbReduction = "mean",
 ) -> dict[str, float]:
     """Held-out measures of an online method, on seeds training never drew.
 
@@ -127,8 +133,8 @@ def heldout_online(
     trajectory = sampler.sample(backbone, reference, conditioning, backbone.latent_shape(resolution), generators)
     rewards = reward_scores(reward, to_pil(backbone.decode_latents(trajectory.final)), flat + flat).reshape(2, -1)
     log_ratio = (
-        sampler.transition_log_probs(backbone, policy, trajectory, conditioning)
-        - sampler.transition_log_probs(backbone, reference, trajectory, conditioning)
+        sampler.transition_log_probs(backbone, policy, trajectory, conditioning, reduction=reduction)
+        - sampler.transition_log_probs(backbone, reference, trajectory, conditioning, reduction=reduction)
     ).sum(dim=1).reshape(2, -1).cpu()
     winner_first = rewards[0] >= rewards[1]
     gap = torch.where(winner_first, log_ratio[0] - log_ratio[1], log_ratio[1] - log_ratio[0])
