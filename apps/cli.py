@@ -74,7 +74,11 @@ def _quickstart(args: argparse.Namespace) -> int:
 def _tiny(args: argparse.Namespace) -> int:
     from diffalign.tiny import save_pipeline
 
-    print(save_pipeline(args.family, args.path, seed=args.seed))
+    try:
+        print(save_pipeline(args.family, args.path, seed=args.seed, t5=args.t5))
+    except ValueError as error:  # e.g. --t5 on a family without T5
+        print(f"diffalign tiny: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("family", choices=["sd15", "sd2", "sdxl", "sd3"])
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--t5", action="store_true", help="sd3: add a tiny T5 encoder (text_encoder_3), as real SD3 has")
     tiny.set_defaults(run=_tiny)
 
     from diffalign.apps.arena.cli import add_arena_parsers

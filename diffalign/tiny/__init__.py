@@ -2,6 +2,7 @@
 
 * :mod:`~diffalign.tiny.pipelines` -- SD 1.5 / SD 2.1 / SDXL / SD3 pipelines and a CLIP scorer backbone;
 * :mod:`~diffalign.tiny.tokenizer` -- the local CLIP-style BPE tokenizer they share;
+* :mod:`~diffalign.tiny.t5` -- SD3's T5 encoder and its Unigram tokenizer (``save_pipeline("sd3", ..., t5=True)``);
 * :mod:`~diffalign.tiny.text_models` -- a T5 paraphraser and a BLIP captioner for the caption strategies.
 
 Callers import from here; the modules are split only by what they build.
@@ -20,6 +21,7 @@ from diffalign.tiny.pipelines import (
     save_clip,
     save_pipeline,
 )
+from diffalign.tiny.t5 import T5_HIDDEN_SIZE, T5_VOCAB_SIZE, build_t5_encoder, build_t5_tokenizer
 from diffalign.tiny.text_models import (
     TINY_TEXT_WORDS,
     build_word_tokenizer,
@@ -46,11 +48,15 @@ __all__ = [
     "FAMILIES",
     "Family",
     "SDXL_TIME_EMBED_DIM",
+    "T5_HIDDEN_SIZE",
+    "T5_VOCAB_SIZE",
     "TEXT_HIDDEN_SIZE",
     "TINY_TEXT_WORDS",
     "TOY_VOCAB_SIZE",
     "TOY_WORDS",
     "build_pipeline",
+    "build_t5_encoder",
+    "build_t5_tokenizer",
     "build_text_encoder",
     "build_tokenizer",
     "build_transformer_sd3",

@@ -6,7 +6,7 @@ but without a model hub and in seconds on a laptop CPU. So this module builds
 each family's components at toy size (hidden sizes of 32-64, two layers, 32x32
 pixel images, 16x16 latents), keeps every structural feature the library code
 branches on (SDXL's pooled embeddings and time ids, SD2's v-prediction, SD3's
-joint attention, VAE shift/scaling factors, the T5-absent SD3 path), and saves
+joint attention, VAE shift/scaling factors, SD3 with and without T5), and saves
 them in diffusers format.
 
 Everything is built on CPU in fp32 and is a pure function of the seed: each
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from diffalign.atomic import staged_folder
+from diffalign.tiny.t5 import T5_HIDDEN_SIZE, build_t5_encoder, build_t5_tokenizer
 from diffalign.tiny.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, TOY_VOCAB_SIZE, build_tokenizer
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `import diffalign.tiny` must be cheap
@@ -240,14 +241,18 @@ def build_transformer_sd3(
 _SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def build_pipeline(family: Family, seed: int = 0, sample_size: int = 32) -> DiffusionPipeline:
+def build_pipeline(family: Family, seed: int = 0, sample_size: int = 32, t5: bool = False) -> DiffusionPipeline:
     """A complete tiny pipeline for ``family``; ``sample_size`` is the image size in pixels (latents are half).
 
     sd15: StableDiffusionPipeline + PNDM (SD 1.5's scheduler config), VAE scaling 0.18215.
     sd2: StableDiffusionPipeline + DDIM with v-prediction (SD 2.1-768), SD2-shaped UNet.
     sdxl: StableDiffusionXLPipeline, CLIPTextModel + CLIPTextModelWithProjection, Euler, VAE scaling 0.13025.
-    sd3: StableDiffusion3Pipeline, two CLIPTextModelWithProjection and no T5, FlowMatch Euler
-    (shift 3.0), VAE with SD3's shift_factor 0.0609 / scaling_factor 1.5305 and no quant convs.
+    sd3: StableDiffusion3Pipeline, two CLIPTextModelWithProjection, FlowMatch Euler (shift 3.0), VAE
+    with SD3's shift_factor 0.0609 / scaling_factor 1.5305 and no quant convs. Without T5 by default
+    (``text_encoder_3 = None``, joint width 64 = the CLIP pair); ``t5=True`` adds a tiny T5 encoder
+    and tokenizer (``diffalign.tiny.t5``) and widens the joint attention to T5's 128, as in real SD3
+    (CLIP 2048 zero-padded to T5's 4096). The default stays T5-less: it is the cheaper model, the
+    SD3 path most tests exercise, and what a user who drops T5 runs.
     No safety checker, feature extractor or watermarker anywhere.
     """
     from diffusers import (
@@ -260,6 +265,8 @@ def build_pipeline(family: Family, seed: int = 0, sample_size: int = 32) -> Diff
         StableDiffusionXLPipeline,
     )
 
+    if t5 and family != "sd3":
+        raise ValueError(f"T5 (SD3's third text encoder) is for the sd3 family only, not {family!r}")
     if sample_size % 4 != 0:
         raise ValueError(f"sample_size must be a multiple of 4 (VAE factor 2 x SD3 patch 2), got {sample_size}")
     latent_size = sample_size // 2
@@ -321,7 +328,7 @@ def build_pipeline(family: Family, seed: int = 0, sample_size: int = 32) -> Diff
             transformer=build_transformer_sd3(
                 sample_size=latent_size,
                 seed=s(3),
-                joint_attention_dim=2 * TEXT_HIDDEN_SIZE,
+                joint_attention_dim=T5_HIDDEN_SIZE if t5 else 2 * TEXT_HIDDEN_SIZE,
                 pooled_projection_dim=2 * TEXT_HIDDEN_SIZE,
             ),
             scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
@@ -336,22 +343,25 @@ def build_pipeline(family: Family, seed: int = 0, sample_size: int = 32) -> Diff
             tokenizer=build_tokenizer(),
             text_encoder_2=build_text_encoder(with_projection=True, seed=s(2)),
             tokenizer_2=build_tokenizer(),
-            text_encoder_3=None,
-            tokenizer_3=None,
+            text_encoder_3=build_t5_encoder(seed=s(4)) if t5 else None,
+            tokenizer_3=build_t5_tokenizer() if t5 else None,
         )
 
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
-def save_pipeline(family: Family, path: str | os.PathLike, seed: int = 0, sample_size: int = 32) -> Path:
-    """Build a tiny pipeline and ``save_pretrained`` it to ``path`` atomically; returns ``path``.
+def save_pipeline(
+    family: Family, path: str | os.PathLike, seed: int = 0, sample_size: int = 32, t5: bool = False
+) -> Path:
+    """Build a tiny pipeline (``t5``: SD3 with T5, see :func:`build_pipeline`) and ``save_pretrained`` it to
+    ``path`` atomically; returns ``path``.
 
     The pipeline is written to a hidden sibling folder and renamed into place,
     so a crash or a concurrent reader never sees a half-written model at
     ``path``. An existing folder at ``path`` is replaced.
     """
     target = Path(path)
-    pipeline = build_pipeline(family, seed=seed, sample_size=sample_size)
+    pipeline = build_pipeline(family, seed=seed, sample_size=sample_size, t5=t5)
     with staged_folder(target) as staging:
         pipeline.save_pretrained(staging)
     return target
