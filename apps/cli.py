@@ -1,6 +1,6 @@
 """The ``diffalign`` command line: parse, then dispatch to the core, trainers, scorers and apps.
 
-Subcommands: train, cache, quickstart, tiny (save a tiny pipeline for offline trials),
+Subcommands: train, cache, quickstart, tiny (save a tiny, or full-scale random-weight, pipeline for offline trials),
 captions (add a second, per-image caption to pairs for DCPO), score (score image folders with
 reward models), score-pairs (a scorer's preference accuracy on Pick-a-Pic-schema pairs), generate (images for a
 prompt file, optionally with trained weights), compare (win rates of two scored folders), rank
@@ -72,6 +72,16 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
+    if args.scale == "full":
+        from diffalign.tiny import full_scale_parameter_counts, save_full_scale_pipeline
+
+        try:  # a family without a published full-scale architecture: the message names those with one
+            full_scale_parameter_counts(args.family)
+        except ValueError as error:
+            print(f"diffalign tiny: error: {error}", file=sys.stderr)
+            return 2
+        print(save_full_scale_pipeline(args.family, args.path, seed=args.seed, clip_bpe=args.clip_bpe))
+        return 0
     from diffalign.tiny import save_pipeline
 
     try:
@@ -111,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--t5", action="store_true", help="sd3: add a tiny T5 encoder (text_encoder_3), as real SD3 has")
+    tiny.add_argument("--scale", choices=["tiny", "full"], default="tiny",
+                      help="full: the published architecture (sd15, sdxl, sd3-medium) with random weights, fp32 (SDXL ~14 GB)")
+    tiny.add_argument("--clip-bpe", default=None, help="CLIP's bpe_simple_vocab_16e6.txt.gz for --scale full "
+                      "(default: $DIFFALIGN_CLIP_BPE, open_clip, the cache, else fetched with pip download)")
     tiny.set_defaults(run=_tiny)
 
     from diffalign.apps.arena.cli import add_arena_parsers

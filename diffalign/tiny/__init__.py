@@ -2,12 +2,21 @@
 
 * :mod:`~diffalign.tiny.pipelines` -- SD 1.5 / SD 2.1 / SDXL / SD3 pipelines and a CLIP scorer backbone;
 * :mod:`~diffalign.tiny.tokenizer` -- the local CLIP-style BPE tokenizer they share;
+* :mod:`~diffalign.tiny.full_scale` -- SD 1.5 / SDXL / SD3-medium at their published sizes, random weights;
+* :mod:`~diffalign.tiny.clip_vocab` -- the real CLIP BPE vocabulary and tokenizer the full-scale pipelines use;
 * :mod:`~diffalign.tiny.t5` -- SD3's T5 encoder and its Unigram tokenizer (``save_pipeline("sd3", ..., t5=True)``);
 * :mod:`~diffalign.tiny.text_models` -- a T5 paraphraser and a BLIP captioner for the caption strategies.
 
 Callers import from here; the modules are split only by what they build.
 """
 
+from diffalign.tiny.clip_vocab import CLIP_VOCAB_SIZE, ClipVocabularyError, build_clip_tokenizer, clip_bpe_path
+from diffalign.tiny.full_scale import (
+    FULL_SCALE_FAMILIES,
+    build_full_scale_pipeline,
+    full_scale_parameter_counts,
+    save_full_scale_pipeline,
+)
 from diffalign.tiny.pipelines import (
     FAMILIES,
     SDXL_TIME_EMBED_DIM,
@@ -42,10 +51,13 @@ from diffalign.tiny.tokenizer import (
 __all__ = [
     "BOS_TOKEN",
     "BOS_TOKEN_ID",
+    "CLIP_VOCAB_SIZE",
+    "ClipVocabularyError",
     "END_OF_WORD",
     "EOS_TOKEN",
     "EOS_TOKEN_ID",
     "FAMILIES",
+    "FULL_SCALE_FAMILIES",
     "Family",
     "SDXL_TIME_EMBED_DIM",
     "T5_HIDDEN_SIZE",
@@ -54,6 +66,8 @@ __all__ = [
     "TINY_TEXT_WORDS",
     "TOY_VOCAB_SIZE",
     "TOY_WORDS",
+    "build_clip_tokenizer",
+    "build_full_scale_pipeline",
     "build_pipeline",
     "build_t5_encoder",
     "build_t5_tokenizer",
@@ -63,7 +77,10 @@ __all__ = [
     "build_unet",
     "build_vae",
     "build_word_tokenizer",
+    "clip_bpe_path",
+    "full_scale_parameter_counts",
     "save_clip",
+    "save_full_scale_pipeline",
     "save_pipeline",
     "save_tiny_captioner",
     "save_tiny_paraphraser",

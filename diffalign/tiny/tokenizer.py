@@ -22,6 +22,7 @@ __all__ = [
     "EOS_TOKEN_ID",
     "END_OF_WORD",
     "build_tokenizer",
+    "bytes_to_unicode",
 ]
 
 # Words the toy world and the tests write prompts with. Each becomes a single BPE
@@ -47,7 +48,7 @@ END_OF_WORD = "</w>"
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map.
 
     Byte-level BPE needs every byte to be a visible character so that no text
@@ -100,12 +101,12 @@ def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     (merges appended later always rank below earlier ones, so earlier words
     are never split again).
     """
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     tokens: list[str] = byte_chars + [c + END_OF_WORD for c in byte_chars]
     known = set(tokens)
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
-    byte_encoder = _bytes_to_unicode()
+    byte_encoder = bytes_to_unicode()
     for word in TOY_WORDS:
         chars = [byte_encoder[b] for b in word.encode("utf-8")]
         symbols = _apply_bpe(chars[:-1] + [chars[-1] + END_OF_WORD], ranks)
