@@ -105,7 +105,10 @@ def _child_load(model: str, lora: str, out: Path) -> None:
     from diffusers import DiffusionPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    pipeline = DiffusionPipeline.from_pretrained(model)
+    # components saved as absent (SD3 without T5: text_encoder_3 = [null, null]) are passed as None, as a user does
+    index = json.loads((Path(model) / "model_index.json").read_text())
+    absent = {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
+    pipeline = DiffusionPipeline.from_pretrained(model, **absent)
     pipeline.load_lora_weights(lora)
     denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
     layers = sum(isinstance(m, BaseTunerLayer) for m in denoiser.modules())
@@ -206,16 +209,16 @@ def run_family(family: str, args: argparse.Namespace, work: Path) -> dict:
 
 
 def _denoiser_parameters(model: Path) -> int:
-    """Parameters of the saved UNet / transformer, read from the safetensors headers (no weights loaded)."""
-    from math import prod
+    """Parameters (not buffers: SD3 saves its 57 M-entry position table) of the saved denoiser, built on the meta device."""
+    import diffusers
+    import torch
 
-    from safetensors import safe_open
-
-    total = 0
-    for shard in sorted((model / "unet").glob("*.safetensors")) + sorted((model / "transformer").glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as handle:
-            total += sum(prod(handle.get_slice(key).get_shape()) for key in handle.keys())
-    return total
+    folder = model / "unet" if (model / "unet").is_dir() else model / "transformer"
+    config = json.loads((folder / "config.json").read_text())
+    model_class = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        denoiser = model_class.from_config(config)
+    return sum(p.numel() for p in denoiser.parameters())
 
 
 # --------------------------------------------------------------------------- memory on paper
