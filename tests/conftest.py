@@ -71,6 +71,8 @@ LEARNING_ORDER = (
     "test_pso_offline_in_the_few_step_setting_raises_heldout_accuracy",
     "test_pso_online_raises_the_heldout_reward",
     "test_lora_dpo_with_adapters_disabled_reference_learns",
+    "test_flow_dpo_raises_heldout_accuracy",
+    "test_flow_mapo_raises_the_heldout_margin",
     "test_quickstart_dpo_raises_heldout_accuracy_on_every_loser_kind",
     "test_dcpo_with_perturbed_loser_captions_raises_heldout_accuracy",
     "test_rankdpo_raises_heldout_pairwise_accuracy_on_ranked_lists",

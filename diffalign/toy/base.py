@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 
-from diffalign.backbones import StableDiffusionBackbone
+from diffalign.backbones import Backbone, StableDiffusion3Backbone, StableDiffusionBackbone
 from diffalign.atomic import staged_folder
 from diffalign.fingerprint import fingerprint
-from diffalign.noise import DDPMProcess
+from diffalign.noise import DDPMProcess, RectifiedFlowProcess
 from diffalign.prediction import denoising_errors
 from diffalign.tiny import build_pipeline
 from diffalign.toy.world import ToyWorldSpec, write_toy_world
@@ -98,12 +98,12 @@ def fit_vae(vae, images: torch.Tensor, recipe: ToyBaseRecipe, generator: torch.G
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
 
 
-def pretrain_unet(backbone: StableDiffusionBackbone, winners: torch.Tensor, captions: list[str], recipe: ToyBaseRecipe, generator: torch.Generator, log=print) -> None:
+def pretrain_unet(backbone: Backbone, winners: torch.Tensor, captions: list[str], recipe: ToyBaseRecipe, generator: torch.Generator, log=print) -> None:
     """The ordinary denoising loss on (winner, caption), through the core's one prediction path (diffalign.prediction)."""
     with torch.no_grad():
         latents = torch.cat([backbone.encode_images(winners[i : i + 256]) for i in range(0, len(winners), 256)])
         texts = sorted(set(captions)) + [""]
-        embeds = backbone.encode_prompts(texts)["prompt_embeds"]
+        encoded = backbone.encode_prompts(texts)  # SD: prompt_embeds; SD3 adds pooled_prompt_embeds
     text_index = torch.tensor([texts.index(c) for c in captions])
     empty = len(texts) - 1
     unet = backbone.denoiser.train().requires_grad_(True)
@@ -116,7 +116,8 @@ def pretrain_unet(backbone: StableDiffusionBackbone, winners: torch.Tensor, capt
         x0 = latents[rows]
         eps = torch.randn(x0.shape, generator=generator)
         t = backbone.noise.sample_timesteps(recipe.batch_size, generator)
-        loss = denoising_errors(backbone, unet, x0, eps, t, {"prompt_embeds": embeds[conditioning]}).mean()
+        text = {key: value[conditioning] for key, value in encoded.items()}
+        loss = denoising_errors(backbone, unet, x0, eps, t, text).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -156,8 +157,13 @@ def ensure_toy_world_and_base(cache_root: str | Path, recipe: ToyBaseRecipe = To
         return _ensure_toy_world_and_base(cache_root, recipe, n_heldout, log)
 
 
+def _ensure_toy_world(cache_root: Path, recipe: ToyBaseRecipe, n_heldout: int):
+    folder = cache_root / f"toy-world-{recipe.world.fingerprint()}"
+    return write_toy_world(folder, recipe.world, n_train=recipe.n_train, n_heldout=n_heldout, train_seed=recipe.seed, heldout_seed=recipe.seed + 1)
+
+
 def _ensure_toy_world_and_base(cache_root: Path, recipe: ToyBaseRecipe, n_heldout: int, log):
-    world = write_toy_world(cache_root / f"toy-world-{recipe.world.fingerprint()}", recipe.world, n_train=recipe.n_train, n_heldout=n_heldout, train_seed=recipe.seed, heldout_seed=recipe.seed + 1)
+    world = _ensure_toy_world(cache_root, recipe, n_heldout)
     base = cache_root / f"toy-base-{recipe.fingerprint()}"
     if not (base / "toy_base.json").is_file():
         build_toy_base(base, recipe, world.train, log)
@@ -196,3 +202,63 @@ def _ensure_toy_turbo(cache_root: Path, recipe: ToyBaseRecipe, steps: int, world
         (staging / "toy_base.json").write_text(json.dumps({"fingerprint": digest, "timestep_mode": "distilled", "base": str(base)}))
     log(f"toy turbo: built in {time.perf_counter() - started:.0f} s -> {folder}")
     return folder
+
+
+@dataclass(frozen=True)
+class FlowToyBaseRecipe(ToyBaseRecipe):
+    """The toy world on a tiny SD3-shaped (rectified-flow) pipeline: nothing else shows a method learning on flow.
+
+    Same toy world, VAE fit and pretraining loop as the SD toy base, with the flow objective of the
+    pipeline's FlowMatch scheduler (shift 3, logit-normal timesteps). Without T5, SD3's prompt is the
+    77 CLIP tokens plus ``max_sequence_length`` zero tokens in T5's place; the toy keeps 8 of those
+    (every recipe trained on this base sets ``model.max_sequence_length`` to the same value).
+    """
+
+    max_sequence_length: int = 8
+
+    def fingerprint(self) -> str:
+        payload = {"version": BASE_VERSION, "kind": "flow-sd3", **dataclasses.asdict(self), "world": self.world.fingerprint()}
+        return fingerprint(payload, 12)
+
+
+def build_flow_toy_base(folder: str | Path, recipe: FlowToyBaseRecipe, train_parquet: str | Path, log=print) -> Path:
+    """Fit the tiny SD3 VAE, pretrain its transformer with the flow objective, save atomically."""
+    folder = Path(folder)
+    torch.manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    pipeline = build_pipeline("sd3", seed=recipe.seed, sample_size=recipe.world.image_size)
+    winners, losers, captions = _winners_and_losers(Path(train_parquet))
+    started = time.perf_counter()
+    log(f"flow toy base: fitting the VAE ({recipe.vae_steps} steps)")
+    fit_vae(pipeline.vae, torch.cat([winners, losers]), recipe, generator, log)
+    noise = RectifiedFlowProcess.from_scheduler_config(dict(pipeline.scheduler.config))  # logit-normal t, as the SD3 recipes
+    backbone = StableDiffusion3Backbone(
+        pipeline.transformer,
+        noise,
+        [pipeline.tokenizer, pipeline.tokenizer_2],
+        [pipeline.text_encoder, pipeline.text_encoder_2],
+        vae=pipeline.vae,
+        max_sequence_length=recipe.max_sequence_length,
+    )
+    log(f"flow toy base: pretraining the transformer on winners ({recipe.unet_steps} steps)")
+    pretrain_unet(backbone, winners, captions, recipe, generator, log)
+    with staged_folder(folder) as staging:
+        pipeline.save_pretrained(staging)
+        (staging / "toy_base.json").write_text(
+            json.dumps({"fingerprint": recipe.fingerprint(), "max_sequence_length": recipe.max_sequence_length})
+        )
+    log(f"flow toy base: built in {time.perf_counter() - started:.0f} s -> {folder}")
+    return folder
+
+
+def ensure_flow_toy_base(cache_root: str | Path, recipe: FlowToyBaseRecipe = FlowToyBaseRecipe(), n_heldout: int = 300, log=print):
+    """The toy world (shared with the SD toy base) and the flow toy base under ``cache_root``, built once."""
+    cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache_root / ".toy-base.lock"):  # the world's writer, as for the SD base
+        world = _ensure_toy_world(cache_root, recipe, n_heldout)
+    with FileLock(cache_root / ".toy-flow-base.lock"):
+        base = Path(cache_root) / f"toy-flow-base-{recipe.fingerprint()}"
+        if not (base / "toy_base.json").is_file():
+            build_flow_toy_base(base, recipe, world.train, log)
+    return world, base
