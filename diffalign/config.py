@@ -63,6 +63,9 @@ class ModelConfig(StrictModel):
 class DataConfig(StrictModel):
     """Where the preference data is and how images are prepared."""
 
+    # `validate` is the key users write, but a field of that name would shadow BaseModel.validate.
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
     path: str = Field(description="Parquet file/folder, save_to_disk folder, JSONL manifest, or hub dataset id.")
     format: Literal["auto", "pickapic", "jsonl", "ranked"] = Field(
         "auto",
@@ -87,6 +90,12 @@ class DataConfig(StrictModel):
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (debugging).")
     cache_dir: str | None = Field(None, description="Precomputed latents/embeddings from `diffalign cache`.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    validation: Literal["lazy", "full"] = Field(
+        "lazy",
+        alias="validate",
+        description="'lazy': bad images are found when a batch decodes them (each reported once); 'full': decode "
+        "every row before training, as `diffalign data check` does, and train on the good rows only.",
+    )
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:
