@@ -15,6 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path, folder: bool) -> None:
+    """mkdtemp/mkstemp create 0700/0600 for privacy while staging; what the user keeps gets the modes any
+    other file of theirs would (0755/0644 under the usual umask), so others on a shared machine can read it."""
+    path.chmod((0o777 if folder else 0o666) & ~_umask())
+
+
 def replace_folder(staging: str | Path, final: str | Path) -> None:
     """Move a complete ``staging`` folder to ``final``, replacing what was there only once the move is done."""
     staging, final = Path(staging), Path(final)
@@ -38,6 +50,7 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield staging
+        follow_umask(staging, folder=True)
         replace_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -52,6 +65,7 @@ def staged_file(final: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(temporary)
+        follow_umask(Path(temporary), folder=False)
         os.replace(temporary, final)
     finally:
         Path(temporary).unlink(missing_ok=True)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class MetricWindow:
@@ -41,11 +44,7 @@ class MetricsWriter:
         self.path = Path(path)
         self.enabled = enabled
         if enabled and self.path.exists():
-            keep = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and truncate_after and json.loads(line)["step"] <= truncate_after
-            ]
+            keep = [line for line, row in _rows(self.path) if truncate_after and row["step"] <= truncate_after]
             temporary = self.path.with_suffix(".jsonl.tmp")
             temporary.write_text("".join(line + "\n" for line in keep))
             os.replace(temporary, self.path)
@@ -56,5 +55,21 @@ class MetricsWriter:
                 handle.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of every complete line. A torn *last* line (disk full, power loss mid-write) is dropped
+    with a warning, as the step it logged is redone on resume; a bad line before the end is an error."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                logger.warning("%s: dropping a torn last line (%d): %.60r", path, number, line)
+                break
+            raise ValueError(f"{path} line {number} is not JSON ({error}); it is not a diffalign metrics file, or was edited") from None
+    return rows
+
+
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [row for _, row in _rows(Path(path))]

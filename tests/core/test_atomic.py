@@ -29,3 +29,23 @@ def test_staged_folder_keeps_the_old_target_when_writing_fails(tmp_path):
             raise RuntimeError("crash while writing")
     assert [p.name for p in target.iterdir()] == ["manifest.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_kept_folders_and_files_follow_the_umask(tmp_path, umask):
+    """Staging is private (mkdtemp 0700, mkstemp 0600); what is kept has the modes the user's umask gives."""
+    import os
+    import stat
+
+    from diffalign.atomic import staged_file, staged_folder
+
+    previous = os.umask(umask)
+    try:
+        with staged_folder(tmp_path / "model") as staging:
+            (staging / "weights.bin").write_bytes(b"w")
+        with staged_file(tmp_path / "table.csv") as temporary:
+            temporary.write_text("a,b\n")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "table.csv").stat().st_mode) == 0o666 & ~umask

@@ -111,6 +111,25 @@ def test_resume_reproduces_the_uninterrupted_losses(mode, tiny_models, toy_pairs
     assert losses(resumed) == losses(straight)
 
 
+def test_resume_survives_a_torn_last_metrics_line(tiny_models, toy_pairs, train_args, tmp_path):
+    """Disk full or power loss mid-write leaves half a JSON line at the end of metrics.jsonl: the resume
+    drops it (its step is redone) and gives the uninterrupted run's losses; a bad line elsewhere is an error."""
+    from diffalign.trainers.metrics import read_metrics
+
+    common = ["train.checkpointing_steps=2", "train.learning_rate=1e-3", "train.scale_lr=false"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, straight, *common, "train.max_steps=4")) == 0
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, resumed, *common, "train.max_steps=2")) == 0
+    with (resumed / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 3, "loss": 0.69')  # torn: no closing brace, no newline
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, resumed, *common, "train.max_steps=4", "train.resume_from=latest")) == 0
+    assert losses(resumed) == losses(straight)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_metrics(broken)
+
+
 def test_gradient_accumulation_1x4_equals_4x1(tiny_models, toy_pairs, train_args, tmp_path):
     """One step on 4 pairs, as one batch of 4 or as 4 accumulated batches of 1 (trl's invariance test).
 
