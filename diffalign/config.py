@@ -23,10 +23,14 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, fields are typed."""
+    """Base for every config section: unknown keys are errors, fields are typed, numbers are finite."""
 
     # coerce_numbers_to_str: `model.path=12345` or `data.split=2024` from the command line stay strings.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True)
+    # allow_inf_nan=False: YAML reads `.inf` and `.nan` as floats, and `method.beta=.inf` or a NaN learning
+    # rate passes every `gt=0` bound (inf > 0; NaN compares false both ways) only to poison the weights later.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True, allow_inf_nan=False
+    )
 
 
 class ModelConfig(StrictModel):
