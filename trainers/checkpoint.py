@@ -21,6 +21,8 @@ from torch import nn
 
 from diffalign.atomic import replace_folder
 
+from .finite import require_finite_weights
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 LORA_FILE = "denoiser_lora.safetensors"
@@ -89,10 +91,17 @@ def register_denoiser_hooks(accelerator: Any, lora: bool) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int | None) -> Path:
-    """Write checkpoint-{step} atomically on every rank's behalf; prune to the last ``keep_last``."""
+def save_checkpoint(
+    accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int | None, model: nn.Module
+) -> Path:
+    """Write checkpoint-{step} atomically on every rank's behalf; prune to the last ``keep_last``.
+
+    ``model``'s trainable weights are checked first: a checkpoint with NaN or infinite weights is never
+    written (it would become ``latest`` and push a good one out of the rotation).
+    """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
+    require_finite_weights(accelerator, model, f"refusing to write {final}")
     staging = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
@@ -103,7 +112,20 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
         (staging / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
         replace_folder(staging, final)
         if keep_last is not None:
-            for old in list_checkpoints(output_dir)[:-keep_last]:
+            for old in checkpoints_to_prune(list_checkpoints(output_dir), keep_last, newest=final):
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoints_to_prune(checkpoints: list[Path], keep_last: int, newest: Path) -> list[Path]:
+    """The checkpoints beyond the last ``keep_last`` (by step), never ``newest``, the one just written.
+
+    Only finite checkpoints are written (save_checkpoint checks), so the one just written is the newest
+    finite one. It may not be the highest step: a run resumed from an earlier checkpoint writes below
+    later ones, and pruning by step alone would delete what it just saved and keep the steps it replaces.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+    kept = set(checkpoints[-keep_last:]) | {newest}
+    return [path for path in checkpoints if path not in kept]

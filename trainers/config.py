@@ -57,6 +57,12 @@ class TrainSection(StrictModel):
     ] = "constant_with_warmup"
     lr_warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null logs it without clipping.")
+    max_nonfinite_steps: int = Field(
+        5,
+        gt=0,
+        description="An optimizer step whose loss or gradient norm is NaN or infinite is skipped (no update) and counted; "
+        "this many in a row stop the run with an error (1: stop at the first).",
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     checkpointing_steps: int = Field(500, gt=0, description="Save checkpoint-{step} every N steps.")

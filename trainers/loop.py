@@ -27,10 +27,11 @@ from diffalign.backbones import load_backbone
 from diffalign.config import ConfigError
 from diffalign.dtypes import parse_dtype
 
-from .checkpoint import read_state, register_denoiser_hooks, resolve_resume, save_checkpoint
+from .checkpoint import list_checkpoints, read_state, register_denoiser_hooks, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .data import TrainingData, build_training_data
 from .export import save_final
+from .finite import NonFiniteGuard, NonFiniteTrainingError, agree_across_processes, any_nonfinite, require_finite_weights
 from .metrics import MetricsWriter, MetricWindow
 from .models import (
     build_lr_scheduler,
@@ -53,6 +54,7 @@ class TrainResult:
     metrics_file: Path
     steps: int
     skipped_rows: int
+    nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm
 
 
 def train(config: TrainConfig, reward: Reward | None = None) -> TrainResult:
@@ -154,11 +156,14 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
     processes = accelerator.num_processes
 
     step = micro_step = 0  # micro_step counts batches drawn by this process (empty ones included)
+    guard = NonFiniteGuard(run.max_nonfinite_steps, scaler_handles_overflow=accelerator.scaler is not None)
     checkpoint = resolve_resume(run.resume_from, output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        require_finite_weights(accelerator, policy, f"cannot resume from {checkpoint} (written before diffalign checked weights)")
         state = read_state(checkpoint)
         step, micro_step = int(state["step"]), int(state["micro_step"])
+        guard.load_state(state)
         logger.info("resumed from %s at step %d", checkpoint, step)
     elif run.resume_from == "latest":
         logger.info("no checkpoint in %s yet: starting a new run", output_dir)
@@ -186,6 +191,7 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
     # --- train ----------------------------------------------------------------------------------
     policy.train()
     loader_iter = iter(loader)
+    loss_nonfinite = None  # on device, over the micro-batches of the current accumulation window (no host sync)
     while step < run.max_steps:
         batch = next(loader_iter)
         micro_step += 1
@@ -194,10 +200,19 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
         with accelerator.accumulate(policy):
             output = setup.step(policy, reference, batch)
             accelerator.backward(output.loss)
+            bad_loss = any_nonfinite(output.loss)
+            loss_nonfinite = bad_loss if loss_nonfinite is None else loss_nonfinite | bad_loss
             grad_norm = None
+            update = True
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(trainable, run.max_grad_norm or math.inf)
-            optimizer.step()
+                grad_norm = None if grad_norm is None else float(grad_norm)
+                # One NaN update makes every later weight NaN: every process skips the same steps (finite.py).
+                loss_finite = not agree_across_processes(accelerator, loss_nonfinite)
+                update = guard.should_update(step + 1, loss_finite, grad_norm)
+                loss_nonfinite = None
+            if update:
+                optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         window.add({"loss": output.loss.detach(), **output.metrics})
@@ -205,28 +220,51 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
             continue
         step += 1
         progress.update(1)
+        if not update:
+            logger.warning("step %d: non-finite loss or gradient norm (%s); update skipped (%d in a row, %d in all)",
+                           step, grad_norm, guard.consecutive, guard.skipped)
         if step % run.log_every == 0 or step == run.max_steps:
             logs = window.reduce(accelerator)
             logs["lr"] = lr_scheduler.get_last_lr()[0]
             if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
+                logs["grad_norm"] = grad_norm
+            if guard.skipped:  # absent from finite runs, whose metrics stay as they were
+                logs["nonfinite_skipped"] = guard.skipped
             accelerator.log(logs, step=step)
             metrics_writer.write(step, logs)
             progress.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
         window.clear()
+        if guard.exhausted:
+            progress.close()
+            accelerator.end_training()
+            raise NonFiniteTrainingError(f"{guard.stop_message(step)} Newest checkpoint: {_newest_checkpoint(output_dir)}.")
         if step % run.checkpointing_steps == 0 or step == run.max_steps:
-            save_checkpoint(accelerator, output_dir, step, {"micro_step": micro_step}, run.checkpoints_total_limit)
+            save_checkpoint(
+                accelerator, output_dir, step, {"micro_step": micro_step, **guard.state()}, run.checkpoints_total_limit, model=policy
+            )
     progress.close()
 
     # --- save -----------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    require_finite_weights(accelerator, policy, f"refusing to write {output_dir / 'final'}")
     final_dir = output_dir / "final"
     if accelerator.is_main_process:
         record = {"base_model": config.model.path, "method": config.method.name, "steps": step}
+        if guard.skipped:
+            record["nonfinite_skipped_steps"] = guard.skipped
         final_dir = save_final(accelerator.unwrap_model(policy), backbone, output_dir, run.mode, record)
         summary = data.report.summary()
         (output_dir / "skipped_rows.json").write_text(json.dumps(data.report.counts, indent=2))
         print(summary)
+        if guard.skipped:
+            print(f"diffalign: skipped the updates of {guard.skipped} optimizer step(s) whose loss or gradient norm was "
+                  f"not finite (latest: {guard.skipped_steps}); see nonfinite_skipped in {metrics_writer.path}")
         print(f"diffalign: final weights in {final_dir}; metrics in {metrics_writer.path}")
     accelerator.end_training()
-    return TrainResult(output_dir, final_dir, metrics_writer.path, step, data.report.total)
+    return TrainResult(output_dir, final_dir, metrics_writer.path, step, data.report.total, guard.skipped)
+
+
+def _newest_checkpoint(output_dir: Path) -> str:
+    """For the stop message: the newest weights on disk (all finite: save_checkpoint checks)."""
+    checkpoints = list_checkpoints(output_dir)
+    return str(checkpoints[-1]) if checkpoints else "none yet"
