@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -43,14 +43,20 @@ def replace_folder(staging: str | Path, final: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(final: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``final``; on success it becomes ``final``, on error it is removed."""
+def staged_folder(final: str | Path, before_replace: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``final``; on success it becomes ``final``, on error it is removed.
+
+    ``before_replace(final)`` runs just before the swap and may raise to keep ``final`` as it is: a long
+    build checks again that what it is about to replace is still its own (someone may have written there).
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield staging
         follow_umask(staging, folder=True)
+        if before_replace is not None:
+            before_replace(final)
         replace_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 Layout of a cache folder (written under a temporary name, renamed when complete)::
 
-    manifest.json            key (model, resolution, crop, data fingerprint), sizes, skipped rows
+    manifest.json            format marker, key (model, resolution, crop, data fingerprint), sizes, skipped rows
     groups-00000.safetensors latents [n, K, C, h, w], prompt_index [n, K], geometry.* [n, K, ...], scores [n, K] (when the data has label scores)
     texts-00000.safetensors  text.* [m, ...] for each unique prompt/caption; entry 0 is ''
 
@@ -11,6 +11,12 @@ Text embeddings are stored once per unique text (Pick-a-Pic: ~59k prompts for
 unflipped; a cache therefore refuses ``data.random_flip=true``. A cache whose
 key differs from the training config's (another model, resolution, crop or
 data) is refused with a message that says what changed.
+
+A rebuild replaces the folder, so it replaces only a folder that is provably a
+diffalign cache: its manifest carries the format marker (``"format":
+"diffalign-cache"`` and an integer ``format_version``) and the folder holds
+nothing the manifest does not list. Any other folder (a photo album with its
+own ``manifest.json``, a cache someone added files to) is refused, untouched.
 """
 
 from __future__ import annotations
@@ -40,12 +46,51 @@ from diffalign.fingerprint import fingerprint
 from diffalign.atomic import staged_folder
 
 CACHE_VERSION = 1
+CACHE_FORMAT = "diffalign-cache"  # with format_version = CACHE_VERSION: the marker that makes a folder ours to replace
 MANIFEST = "manifest.json"
 ENCODER_FOLDERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 class StaleCacheError(ConfigError):
     """The cache was built for another model, resolution, crop or data than the config names."""
+
+
+class NotACacheError(ConfigError):
+    """A folder that a cache build would replace is not (only) a diffalign cache: it is never touched."""
+
+
+def require_replaceable_cache(cache_dir: str | Path) -> None:
+    """Raise NotACacheError unless ``cache_dir`` is absent, an empty folder, or a diffalign cache and nothing else.
+
+    Why so strict: replacing a folder deletes everything in it, and a ``manifest.json`` alone proves
+    nothing (photo albums and datasets have them). Only our marker, and only files our manifest lists.
+    """
+    cache_dir = Path(cache_dir)
+    if not cache_dir.exists() and not cache_dir.is_symlink():
+        return
+    refuse = f"data.cache_dir={cache_dir} exists and is not a diffalign cache"
+    advice = "choose another (new or empty) folder; diffalign never replaces a folder it did not make"
+    if cache_dir.is_symlink() or not cache_dir.is_dir():
+        raise NotACacheError(f"{refuse} (it is not a plain folder); {advice}")
+    entries = {entry.name for entry in cache_dir.iterdir()}
+    if not entries:
+        return
+    try:
+        manifest = json.loads((cache_dir / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise NotACacheError(f"{refuse} (no readable {MANIFEST}); {advice}") from None
+    if not (isinstance(manifest, dict) and manifest.get("format") == CACHE_FORMAT and type(manifest.get("format_version")) is int):
+        raise NotACacheError(
+            f"{refuse}: its {MANIFEST} lacks diffalign's marker (format={CACHE_FORMAT!r} and format_version; a cache "
+            f"built before the marker existed must be deleted by hand to be rebuilt there); {advice}"
+        )
+    ours = {MANIFEST, *manifest.get("group_shards", []), *manifest.get("text_shards", [])}
+    foreign = sorted(entries - ours)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise NotACacheError(
+            f"data.cache_dir={cache_dir} is a diffalign cache but also holds files it did not write ({shown}); {advice}"
+        )
 
 
 def model_fingerprint(model: ModelConfig) -> str:
@@ -97,9 +142,7 @@ def build_cache(
     from tqdm.auto import tqdm
 
     cache_dir = Path(cache_dir)
-    if cache_dir.exists() and not (cache_dir / MANIFEST).is_file() and any(cache_dir.iterdir()):
-        # A rebuilt cache replaces the folder: never delete something that is not a cache.
-        raise ConfigError(f"data.cache_dir={cache_dir} exists and is not a diffalign cache (no {MANIFEST}); choose another folder")
+    require_replaceable_cache(cache_dir)  # before hours of encoding, and again just before the swap
     report = SkipReport()
     source = open_source(data, report)
     if require_captions:  # the method's name: a dual-caption method caches only captioned rows
@@ -108,7 +151,7 @@ def build_cache(
     dataset = PreferenceDataset(source, GroupTransform(data.resolution, data.center_crop, random_flip=False, size_conditioning=data.sdxl_size_conditioning), seed)
     sampler = EpochBatchSampler(len(source), batch_size, seed, shuffle=False, drop_last=False, num_epochs=1)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_groups, num_workers=data.num_workers)
-    with staged_folder(cache_dir) as staging:
+    with staged_folder(cache_dir, before_replace=require_replaceable_cache) as staging:
         texts: dict[str, int] = {"": 0}
         pending_texts: list[str] = [""]
         text_shards: list[str] = []
@@ -170,6 +213,8 @@ def build_cache(
         if not rows:
             raise ValueError(f"no usable rows in {data.path}: {report.summary()}")
         manifest = {
+            "format": CACHE_FORMAT,
+            "format_version": CACHE_VERSION,
             "key": key,
             "family": backbone.family,
             "num_groups": len(rows),
