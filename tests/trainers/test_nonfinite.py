@@ -258,3 +258,18 @@ def test_a_resume_that_goes_nan_keeps_the_last_good_checkpoint(tiny_models, toy_
     assert [c.name for c in checkpoints] == ["checkpoint-6"]
     kept = load_file(next(checkpoints[0].rglob("*.safetensors")))
     assert all(torch.equal(kept[name], good[name]) for name in good), "skipped steps left the weights as they were"
+
+
+def test_resuming_from_a_non_finite_checkpoint_is_refused(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    """A checkpoint written before diffalign checked weights may be NaN: resuming it would train nothing."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    common = ["train.mode=lora", "train.checkpointing_steps=2"]
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, out, *common, "train.max_steps=2")) == 0
+    adapters = out / "checkpoint-2" / "denoiser_lora.safetensors"
+    save_file({name: torch.full_like(value, math.nan) for name, value in load_file(adapters).items()}, adapters)
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, out, *common, "train.max_steps=4",
+                           "train.resume_from=latest")) == 1
+    assert "cannot resume from" in capsys.readouterr().err
+    assert not (out / "checkpoint-4").exists()
