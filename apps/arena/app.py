@@ -1,27 +1,43 @@
 """``diffalign arena``: a Gradio app for blind side-by-side comparison of models' images.
 
-Each pair is shown blind (no model names, images re-encoded without metadata under
-Gradio's anonymous cache names) with a random side; a vote reveals the names and loads the
-next pair. The server issues every pair with a one-time token (:mod:`diffalign.apps.arena.store`), and a
-session is Gradio's own per-connection ``session_hash``, so a browser tab and a
-``gradio_client.Client`` are each one session.
+Each pair is shown blind (no model names, images re-encoded without metadata) with a random side;
+a vote reveals the names and loads the next pair. The server issues every pair with a one-time
+token (:mod:`diffalign.apps.arena.store`).
 
-API (what the page itself calls; ``gradio_client`` can call it too):
+Who votes: a session is minted by the server and kept in a signed HttpOnly cookie
+(:mod:`.sessions`); the client's Gradio ``session_hash`` decides nothing. With a login
+(``--auth-file``) the session is the user, so one person is one voter however many browsers or
+cookies they use. Rate limits (:class:`.sessions.RateLimits`) cap votes per session and per
+address, and new sessions per address.
+
+Blinding: every time a pair is issued its images are written with a fresh random PNG text chunk,
+so Gradio's content-hash file names differ per session and per issue: a URL seen once (and the
+models a vote revealed for it) says nothing about any other showing.
+
+API (what the page itself calls; ``gradio_client`` can call it too, keeping the cookie):
 
 - ``/next_pair`` → ``(prompt, left image, right image, token, progress)``: the session's pending
   pair if it has one (with a fresh token), else the next balanced pair.
 - ``/vote`` ``(choice, token)`` → ``{"accepted", "reason", "left_model", "right_model", "vote_id"}``;
   choice is one of ``left``, ``right``, ``tie``, ``both_bad``.
-- ``/leaderboard`` → ``(table, heatmap, summary)``.
+- ``/leaderboard`` → ``(table, heatmap, summary)``; sessions that look automated
+  (:mod:`.suspicion`) are left out and counted.
 
 Safety: binds 127.0.0.1 unless told otherwise; optional username/password; every request
-body is capped (:data:`MAX_BODY_BYTES`); only images listed by the sources are ever read, and
-they reach the browser as re-encoded copies, so no source path is served directly.
+body is capped (:data:`MAX_BODY_BYTES`); uploads are refused (403); Gradio's files live in a
+private temporary folder made for this process (not the shared ``/tmp/gradio`` any app can
+fill); only images listed by the sources are ever read, and they reach the browser as
+re-encoded copies, so no source path is served directly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import secrets
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +49,11 @@ import PIL.Image
 from diffalign.apps.arena.rank import leaderboard, outcomes, write_heatmap
 from diffalign.apps.arena.schedule import PairScheduler, Showing
 from diffalign.apps.arena.sources import ArenaItem
+from diffalign.apps.arena.sessions import COOKIE_NAME, RateLimits, SessionCookieMiddleware, SessionSigner, SlidingWindow, load_key
 from diffalign.apps.arena.store import MAX_SESSION_CHARS, MAX_TOKEN_CHARS, VoteResult, VoteStore
+from diffalign.apps.arena.suspicion import SuspicionRules, flag_sessions
 
-__all__ = ["Arena", "build_blocks", "serve", "MAX_BODY_BYTES"]
+__all__ = ["Arena", "RateLimited", "build_blocks", "serve", "MAX_BODY_BYTES"]
 
 IMAGE_HEIGHT = 384  # display size; small images are scaled up so that people can judge them
 MAX_BODY_BYTES = 64 * 1024  # the largest request the app accepts: votes and page loads are tiny
@@ -67,22 +85,39 @@ class Issued:
     pairs_left: int
 
 
+class RateLimited(RuntimeError):
+    """A request over one of the :class:`RateLimits` (the message says which)."""
+
+
 class Arena:
     """The arena's logic without Gradio: issue pairs, take votes, rank (the Gradio handlers call this)."""
 
     def __init__(self, store: VoteStore, scheduler: PairScheduler, items: dict[str, ArenaItem], heatmap_path: Path,
-                 bootstrap_rounds: int = 200) -> None:
+                 bootstrap_rounds: int = 200, limits: RateLimits = RateLimits(),
+                 suspicion: SuspicionRules = SuspicionRules()) -> None:
         self.store = store
         self.scheduler = scheduler
         self.items = items
         self.heatmap_path = heatmap_path
         self.bootstrap_rounds = bootstrap_rounds
+        self.limits = limits
+        self.suspicion = suspicion
+        self._session_votes = SlidingWindow(limits.session_votes_per_minute, 60.0)
+        self._address_votes = SlidingWindow(limits.address_votes_per_minute, 60.0)
+        self._address_sessions = SlidingWindow(limits.address_sessions_per_hour, 3600.0)
         self._issue_lock = threading.Lock()
         scheduler.restore(store.issued_pairs())
 
-    def issue(self, session_id: str) -> Issued | None:
-        """The session's pending pair again (fresh token), else a new one; ``None`` when it has seen every pair."""
+    def issue(self, session_id: str, address: str | None = None) -> Issued | None:
+        """The session's pending pair again (fresh token), else a new one; ``None`` when it has seen every pair.
+
+        A session's first pair counts as a new session of ``address``; over the limit raises :class:`RateLimited`.
+        """
         with self._issue_lock:  # one session's reload and vote must not both draw a new pair
+            if (address is not None and self.scheduler.seen_count(session_id) == 0
+                    and not self._address_sessions.allow(address)):
+                raise RateLimited(f"too many new sessions from this address (limit "
+                                  f"{self.limits.address_sessions_per_hour} an hour); log in or try later")
             showing = self._pending(session_id) or self.scheduler.next(session_id)
             if showing is None:
                 return None
@@ -100,15 +135,30 @@ class Arena:
             return None  # shown under other sources; no longer servable
         return Showing(pair, left, right)
 
-    def vote(self, session_id: str, token: str, choice: str) -> VoteResult:
+    def vote(self, session_id: str, token: str, choice: str, address: str | None = None) -> VoteResult:
+        """Store the vote unless the session or its address is over its rate limit (then counted as rejected)."""
+        if not self._session_votes.allow(session_id):
+            return self.store.reject(session_id, f"rate limited: over {self.limits.session_votes_per_minute} "
+                                                 "votes a minute in this session")
+        if address is not None and not self._address_votes.allow(address):
+            return self.store.reject(session_id, f"rate limited: over {self.limits.address_votes_per_minute} "
+                                                 "votes a minute from this address")
         return self.store.vote(session_id, token, choice)
 
     def leaderboard(self) -> tuple[list[list[Any]], PIL.Image.Image | None, str]:
-        """``(rows, heatmap, summary)``: the table of models, the win-rate heatmap (also written to disk)."""
-        votes = self.store.votes()
+        """``(rows, heatmap, summary)``: the table of models, the win-rate heatmap (also written to disk).
+
+        Votes of sessions :func:`.suspicion.flag_sessions` flags are left out; the summary counts them.
+        """
+        every_vote = self.store.votes()
+        flagged = flag_sessions(every_vote, self.suspicion)
+        votes = [v for v in every_vote if v.session_id not in flagged]
         data = outcomes([(v.left_model, v.right_model, v.choice) for v in votes])
         rejections = self.store.rejection_counts()
         summary = f"**{len(votes)} votes** · {len(data.models)} models"
+        if flagged:
+            summary += (f" · left out: {len(flagged)} suspicious sessions ({len(every_vote) - len(votes)} votes; "
+                        "one side always, too fast, or machine timing)")
         if rejections:
             summary += " · rejected: " + ", ".join(f"{reason} ×{n}" for reason, n in sorted(rejections.items()))
         if not votes:
@@ -129,25 +179,47 @@ LEADERBOARD_HEADERS = ["rank", "model", "Bradley-Terry (Elo scale)", "95% CI", "
 
 
 def _blind_image(item: ArenaItem) -> PIL.Image.Image:
-    """The item's pixels only: metadata (which may name the model) does not travel."""
+    """The item's pixels only, plus a random nonce.
+
+    Metadata (which may name the model) does not travel. The nonce becomes a PNG text chunk when
+    Gradio encodes the image, so its content-hash file name is new at every showing: without it
+    the same image had the same URL in every session, and one revealing vote named its model for all.
+    """
     with PIL.Image.open(item.path) as image:
         image.load()
         clean = image.convert("RGBA" if image.mode in ("RGBA", "LA", "PA") else "RGB")
-    clean.info = {}
+    clean.info = {"nonce": secrets.token_hex(16)}
     return clean
 
 
-def build_blocks(arena: Arena):
-    """The Gradio Blocks app: a Vote tab and a Leaderboard tab."""
+def _user_session(username: str) -> str:
+    """A logged-in user's session id: the user, so their votes de-duplicate across browsers and cookies."""
+    session = f"user:{username}"
+    return session if len(session) <= MAX_SESSION_CHARS else "user:" + hashlib.sha256(username.encode()).hexdigest()
+
+
+def build_blocks(arena: Arena, signer: SessionSigner):
+    """The Gradio Blocks app: a Vote tab and a Leaderboard tab; sessions come from ``signer``'s cookies."""
 
     def session_of(request: gr.Request | None) -> str:
-        session = getattr(request, "session_hash", None) if request is not None else None
-        if not session:
-            raise gr.Error("no session: connect through the Gradio page or gradio_client")
-        return str(session)[:MAX_SESSION_CHARS]
+        username = getattr(request, "username", None) if request is not None else None
+        if username:
+            return _user_session(str(username))
+        cookies = (getattr(request, "cookies", None) or {}) if request is not None else {}
+        session = signer.verify(cookies.get(COOKIE_NAME))
+        if session is None:  # SessionCookieMiddleware gives every request one; this is another way in
+            raise gr.Error("no server session: the arena's session cookie is missing or not signed by this server")
+        return session
+
+    def address_of(request: gr.Request | None) -> str | None:
+        client = getattr(request, "client", None) if request is not None else None
+        return getattr(client, "host", None)
 
     def next_pair(request: gr.Request):
-        issued = arena.issue(session_of(request))
+        try:
+            issued = arena.issue(session_of(request), address_of(request))
+        except RateLimited as error:
+            return f"### {error}", None, None, "", ""
         if issued is None:
             return "### You have compared every pair. Thank you!", None, None, "", "All pairs done."
         showing = issued.showing
@@ -157,7 +229,7 @@ def build_blocks(arena: Arena):
 
     def vote(choice: str, token: str, request: gr.Request) -> dict:
         """Vote on the pair a token was issued for: choice is left, right, tie or both_bad."""
-        result = arena.vote(session_of(request), token, choice)
+        result = arena.vote(session_of(request), token, choice, address_of(request))
         return {"accepted": result.accepted, "reason": result.reason, "vote_id": result.vote_id,
                 "left_model": result.left_model, "right_model": result.right_model}
 
@@ -241,6 +313,24 @@ class _BodyLimit:
             await _reject_too_large(send, self.limit)
 
 
+class _NoUploads:
+    """ASGI middleware: refuse Gradio's upload routes (403); nothing in the arena takes a file from a client."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path", "").rstrip("/").rsplit("/", 1)[-1] in ("upload",
+                                                                                                  "upload_progress"):
+            body = json.dumps({"error": "uploads are disabled in the arena"}).encode()
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -254,16 +344,29 @@ async def _reject_too_large(send: Any, limit: int) -> None:
 
 def serve(arena: Arena, host: str = "127.0.0.1", port: int = 7860, auth: list[tuple[str, str]] | None = None,
           concurrency: int = 16) -> None:
-    """Run the app with uvicorn until interrupted (Ctrl-C); every acknowledged vote is already committed."""
+    """Run the app with uvicorn until interrupted (Ctrl-C); every acknowledged vote is already committed.
+
+    Gradio's files go to a private temporary folder (mode 0700, removed on exit): Gradio serves any
+    file in its temp folder, and the default one (``/tmp/gradio``) is shared by every Gradio app.
+    The session key is kept beside the database (``<db>.session-key``), so sessions survive a restart.
+    """
     import fastapi
     import uvicorn
 
-    demo = build_blocks(arena)
-    demo.queue(default_concurrency_limit=concurrency, max_size=1024)
-    app = fastapi.FastAPI()
-    app = gr.mount_gradio_app(app, demo, path="", server_name=host, server_port=port, auth=auth or None,
-                              head=_SHORTCUTS, show_error=True, max_file_size=MAX_BODY_BYTES, ssr_mode=False)
-    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
-    print(f"diffalign arena: http://{host}:{port}  ({arena.scheduler.pair_count} pairs, votes in {arena.store.path})",
-          flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    private = tempfile.mkdtemp(prefix="diffalign-arena-")
+    os.environ["GRADIO_TEMP_DIR"] = private  # read when the Blocks and the app are built, below
+    signer = SessionSigner(load_key(arena.store.path.with_name(arena.store.path.name + ".session-key")))
+    try:
+        demo = build_blocks(arena, signer)
+        demo.queue(default_concurrency_limit=concurrency, max_size=1024)
+        app = fastapi.FastAPI()
+        app = gr.mount_gradio_app(app, demo, path="", server_name=host, server_port=port, auth=auth or None,
+                                  head=_SHORTCUTS, show_error=True, max_file_size=MAX_BODY_BYTES, ssr_mode=False)
+        app.add_middleware(SessionCookieMiddleware, signer=signer)
+        app.add_middleware(_NoUploads)
+        app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+        print(f"diffalign arena: http://{host}:{port}  ({arena.scheduler.pair_count} pairs, votes in "
+              f"{arena.store.path})", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        shutil.rmtree(private, ignore_errors=True)

@@ -15,10 +15,12 @@ __all__ = ["add_arena_parsers", "build_arena", "read_auth"]
 AUTH_ENV = "DIFFALIGN_ARENA_AUTH"
 
 
-def build_arena(sources: list[str], database: str | Path, seed: int | None = None, bootstrap_rounds: int = 200):
+def build_arena(sources: list[str], database: str | Path, seed: int | None = None, bootstrap_rounds: int = 200,
+                limits=None):
     """Sources checked and matched, the vote store opened and told the items, the scheduler restored."""
     from diffalign.apps.arena.app import Arena
     from diffalign.apps.arena.schedule import PairScheduler
+    from diffalign.apps.arena.sessions import RateLimits
     from diffalign.apps.arena.sources import load_sources, match_pairs
     from diffalign.apps.arena.store import VoteStore
 
@@ -32,7 +34,8 @@ def build_arena(sources: list[str], database: str | Path, seed: int | None = Non
     store.register_items((i.item_id, i.model, i.prompt, str(i.path)) for i in items.values())
     database = Path(database)
     heatmap = database.with_name(database.stem + ".heatmap.png")
-    return Arena(store, PairScheduler(pairs, seed=seed), items, heatmap, bootstrap_rounds=bootstrap_rounds)
+    return Arena(store, PairScheduler(pairs, seed=seed), items, heatmap, bootstrap_rounds=bootstrap_rounds,
+                 limits=limits or RateLimits())
 
 
 def read_auth(path: str | None) -> list[tuple[str, str]] | None:
@@ -56,12 +59,14 @@ def read_auth(path: str | None) -> list[tuple[str, str]] | None:
 
 def _arena(args: argparse.Namespace) -> int:
     from diffalign.apps.arena.app import serve
+    from diffalign.apps.arena.sessions import RateLimits
     from diffalign.apps.arena.sources import SourceError
     from diffalign.apps.arena.store import StoreError
 
     try:
         auth = read_auth(args.auth_file)
-        arena = build_arena(args.source, args.db, seed=args.seed, bootstrap_rounds=args.bootstrap_rounds)
+        limits = RateLimits(args.session_votes_per_minute, args.address_votes_per_minute, args.address_sessions_per_hour)
+        arena = build_arena(args.source, args.db, seed=args.seed, bootstrap_rounds=args.bootstrap_rounds, limits=limits)
     except (SourceError, StoreError, ValueError) as error:
         print(f"diffalign arena: error: {error}", file=sys.stderr)
         return 2
@@ -83,9 +88,14 @@ def _export(args: argparse.Namespace) -> int:
     from diffalign.apps.arena.export import ExportFilters, export_votes
 
     report = SkipReport()
-    counts = export_votes(args.db, args.out, ExportFilters(args.drop_both_bad, args.min_session_votes), report)
+    filters = ExportFilters(args.drop_both_bad, args.min_session_votes, drop_suspicious=not args.keep_suspicious)
+    counts = export_votes(args.db, args.out, filters, report)
     if report.total:
         print(report.summary(), file=sys.stderr)
+    if counts["written"] == 0:
+        print(f"diffalign export-votes: warning: 0 of {counts['votes']} votes exported, {args.out} not written "
+              + ", ".join(f"{k}: {v}" for k, v in counts.items() if k not in ("written", "votes")), file=sys.stderr)
+        return 1
     print(f"diffalign export-votes: wrote {counts['written']} of {counts['votes']} votes to {args.out} "
           + ", ".join(f"{k}: {v}" for k, v in counts.items() if k not in ("written", "votes")))
     return 0
@@ -103,6 +113,12 @@ def add_arena_parsers(commands: argparse._SubParsersAction) -> None:
     arena.add_argument("--seed", type=int, default=None, help="seed of pair order and sides (default: random)")
     arena.add_argument("--concurrency", type=int, default=16, help="requests handled at once")
     arena.add_argument("--bootstrap-rounds", type=int, default=200, help="refits behind the leaderboard's intervals")
+    arena.add_argument("--session-votes-per-minute", type=int, default=120,
+                       help="most votes one session may cast in any minute (0: no limit)")
+    arena.add_argument("--address-votes-per-minute", type=int, default=6000,
+                       help="most votes from one client address in any minute (0: no limit)")
+    arena.add_argument("--address-sessions-per-hour", type=int, default=60,
+                       help="most new sessions one client address may start in any hour (0: no limit)")
     arena.set_defaults(run=_arena)
 
     export = commands.add_parser("export-votes", help="arena votes -> Pick-a-Pic v2-schema parquet for `diffalign train`")
@@ -110,4 +126,6 @@ def add_arena_parsers(commands: argparse._SubParsersAction) -> None:
     export.add_argument("out", help="output parquet file")
     export.add_argument("--drop-both-bad", action="store_true", help="leave out 'both bad' votes (default: ties)")
     export.add_argument("--min-session-votes", type=int, default=0, help="leave out sessions with fewer votes")
+    export.add_argument("--keep-suspicious", action="store_true",
+                        help="keep sessions that look automated (default: dropped and counted; see arena.suspicion)")
     export.set_defaults(run=_export)

@@ -5,7 +5,8 @@ Why not only ``gradio_client``: it opens a new HTTPS-capable client per call (â‰
 here), which makes a 50-client load test measure the client, not the server. This one speaks the
 same public protocol a ``curl`` user would: ``POST /gradio_api/call/NAME {"data": [...],
 "session_hash": ...}`` returns an event id, ``GET /gradio_api/call/NAME/ID`` streams the result.
-The session hash is the arena's session id, so one :class:`ArenaClient` is one voter.
+The server issues the session in a signed cookie on the first answer and the client's cookie jar
+sends it back, so one :class:`ArenaClient` is one voter (the ``session_hash`` it sends decides nothing).
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ class ArenaClient:
             response = self._http.post(f"{self.url}/login", data={"username": auth[0], "password": auth[1]})
             if response.status_code != 200:
                 raise ArenaCallError(f"login as {auth[0]!r} refused: HTTP {response.status_code}")
+
+    @property
+    def session_id(self) -> str | None:
+        """The arena session the server issued this client (``None`` before the first call)."""
+        from diffalign.apps.arena.sessions import COOKIE_NAME
+
+        value = self._http.cookies.get(COOKIE_NAME)
+        return value.partition(".")[0] if value else None
 
     def call(self, endpoint: str, *data: Any) -> list[Any]:
         """Run ``endpoint`` with positional ``data``; the list of its outputs."""

@@ -8,7 +8,9 @@ would lose what people judged; the reader decodes any format). ``user_id`` is th
 session, ``ranking_id`` the vote id, ``created_at`` the vote's time (UTC).
 
 A vote whose image file is gone or unreadable is reported with its vote id and skipped; the
-file is written under a temporary name and renamed when complete.
+file is written under a temporary name and renamed when complete, and not at all when no vote
+is left to write. Sessions that look automated (:mod:`.suspicion`: one side always, too fast to
+have looked, machine timing) are dropped by default and counted ("dropped suspicious session").
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffalign.apps.arena.store import LEFT_SCORE, StoredVote, VoteStore
+from diffalign.apps.arena.suspicion import SuspicionRules, flag_sessions
 from diffalign.atomic import staged_file
 from diffalign.data.pickapic import pickapic_core_fields
 from diffalign.data.report import SkipReport
@@ -47,10 +50,13 @@ def _schema():
 
 @dataclass(frozen=True)
 class ExportFilters:
-    """What to leave out: "both bad" votes, and sessions with fewer than ``min_session_votes`` votes."""
+    """What to leave out: "both bad" votes, sessions with fewer than ``min_session_votes`` votes, and
+    (by default) the sessions ``suspicion`` flags as automated."""
 
     drop_both_bad: bool = False
     min_session_votes: int = 0
+    drop_suspicious: bool = True
+    suspicion: SuspicionRules = SuspicionRules()
 
     def __post_init__(self) -> None:
         if self.min_session_votes < 0:
@@ -76,9 +82,15 @@ def export_votes(
     finally:
         store.close()
     per_session = Counter(vote.session_id for vote in votes)
+    flagged = flag_sessions(votes, filters.suspicion)
     counts = Counter(votes=len(votes))
+    if flagged:
+        counts["suspicious sessions"] = len(flagged)
     rows = []
     for vote in votes:
+        if filters.drop_suspicious and vote.session_id in flagged:
+            counts["dropped suspicious session"] += 1
+            continue
         if filters.drop_both_bad and vote.choice == "both_bad":
             counts["dropped both bad"] += 1
             continue
@@ -112,6 +124,8 @@ def export_votes(
             }
         )
     counts["written"] = len(rows)
+    if not rows:
+        return dict(counts)  # nothing to train on: the caller warns; no empty file to mistake for data
     table = pa.Table.from_pylist(rows, schema=_schema())
     with staged_file(out) as temporary:
         pq.write_table(table, temporary)

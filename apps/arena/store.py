@@ -105,6 +105,7 @@ class StoredVote:
     right_path: str
     left_item: str
     right_item: str
+    issued_at: float  # when the pair was shown (its token issued): created_at - issued_at is the look time
 
 
 class VoteStore:
@@ -249,14 +250,22 @@ class VoteStore:
             )
             return VoteResult(True, "stored", cursor.lastrowid, models.get(row[2]), models.get(row[3]))
 
+    def reject(self, session_id: str, reason: str) -> VoteResult:
+        """Count a vote refused before it reached the store (a rate limit), with the reason."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO rejections(session_id, reason, created_at) VALUES (?, ?, ?)",
+                       (session_id[:MAX_SESSION_CHARS], reason, time.time()))
+        return VoteResult(False, reason)
+
     # -- reading -----------------------------------------------------------------------------------
 
     def votes(self) -> list[StoredVote]:
         """Every stored vote with its items, oldest first."""
         rows = self._connection().execute(
             "SELECT v.vote_id, v.session_id, v.pair_id, v.choice, v.created_at, l.prompt, l.model, r.model, "
-            "l.path, r.path, v.left_item, v.right_item FROM votes v "
-            "JOIN items l ON l.item_id = v.left_item JOIN items r ON r.item_id = v.right_item ORDER BY v.vote_id"
+            "l.path, r.path, v.left_item, v.right_item, t.issued_at FROM votes v "
+            "JOIN items l ON l.item_id = v.left_item JOIN items r ON r.item_id = v.right_item "
+            "JOIN tokens t ON t.token = v.token ORDER BY v.vote_id"
         ).fetchall()
         return [StoredVote(*row) for row in rows]
 

@@ -30,7 +30,7 @@ def test_killed_arena_keeps_every_acknowledged_vote(toy_arena_sources, start_are
                 result = client.vote(choice, pair["token"])
                 if result["accepted"]:  # the server said so: this vote must survive
                     with lock:
-                        acknowledged[result["vote_id"]] = (client.session_hash, choice)
+                        acknowledged[result["vote_id"]] = (client.session_id, choice)
         except Exception:  # noqa: BLE001 -- the server is killed under us; that is the point
             pass
         finally:
