@@ -10,12 +10,13 @@ skipped (no update, no optimizer-moment change, gradients dropped) and counted;
 advances the step counter and LR schedule, so which batches and noise every
 later step sees is unchanged: exact resume holds, and a finite run is untouched.
 
-Two cases the guard leaves to others: under fp16 the loss scaler already skips a
-step whose scaled gradients overflowed and lowers its scale (the expected warm-up
-of loss scaling), so a finite loss with an infinite gradient norm is passed to it
-and not counted; under DeepSpeed the engine updates inside ``backward``, so a bad
-step is detected (and stops the run) but cannot be undone. Either way the weights
-are checked before every checkpoint and before ``final/`` (:func:`require_finite_weights`).
+Two cases where the update is not the guard's to skip: under fp16 the loss scaler
+skips every step whose gradients hold NaN or inf and lowers its scale, and must see
+every step (the loop always calls ``optimizer.step()`` there); a finite loss with an
+infinite gradient norm is its expected warm-up and is not counted, a non-finite loss
+is. Under DeepSpeed the engine updates inside ``backward``, so a bad step is detected
+(and stops the run) but cannot be undone. Either way the weights are checked before
+every checkpoint and before ``final/`` (:func:`require_finite_weights`).
 """
 
 from __future__ import annotations

@@ -211,7 +211,9 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
                 loss_finite = not agree_across_processes(accelerator, loss_nonfinite)
                 update = guard.should_update(step + 1, loss_finite, grad_norm)
                 loss_nonfinite = None
-            if update:
+            # fp16's loss scaler skips a step with non-finite gradients itself, and must see every step: its
+            # unscale_() in clip_grad_norm_ is only reset by the update() inside optimizer.step().
+            if update or guard.scaler_handles_overflow:
                 optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
