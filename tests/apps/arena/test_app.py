@@ -120,15 +120,26 @@ def test_binds_loopback_serves_no_source_file_and_bounds_requests(toy_arena_sour
 def test_auth_file_requires_login(toy_arena_sources, start_arena, tmp_path):
     credentials = tmp_path / "auth.txt"
     credentials.write_text("# arena users\nalice:s3cret\n")
-    url, _ = start_arena(toy_arena_sources.values(), tmp_path / "votes.sqlite", "--auth-file", str(credentials))
+    database = tmp_path / "votes.sqlite"
+    url, _ = start_arena(toy_arena_sources.values(), database, "--auth-file", str(credentials))
     with pytest.raises(ArenaCallError, match="HTTP 40[13]"):
         ArenaClient(url).next_pair()
     with pytest.raises(ArenaCallError, match="login as 'alice' refused"):
         ArenaClient(url, auth=("alice", "wrong"))
     voter = ArenaClient(url, auth=("alice", "s3cret"))
     pair = voter.next_pair()
+    # Alice in a second browser (another cookie) is still Alice: same pending pair, and one vote on it.
+    second_browser = ArenaClient(url, auth=("alice", "s3cret"))
+    again = second_browser.next_pair()
+    assert again["prompt"] == pair["prompt"] and second_browser.session_id != voter.session_id
     assert voter.vote("right", pair["token"])["accepted"]
+    double = second_browser.vote("left", again["token"])
+    assert not double["accepted"] and double["reason"].startswith("double vote")
     voter.close()
+    second_browser.close()
+    store = VoteStore(database)
+    assert [(v.session_id, v.choice) for v in store.votes()] == [("user:alice", "right")]
+    store.close()
 
 
 def test_bad_manifest_refuses_to_start_naming_the_row(toy_arena_sources, tmp_path):
