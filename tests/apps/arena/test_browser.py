@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 
+from diffalign.apps.arena.sessions import COOKIE_NAME
 from diffalign.apps.arena.store import VoteStore
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -60,11 +61,14 @@ def test_vote_by_click_and_by_key_in_chromium(browser, toy_arena_sources, start_
     page.keyboard.press("ArrowRight")
     reveal.get_by_text("you chose Right is better", exact=False).wait_for()
     page.locator("#arena-progress").get_by_text("Votes this session: 2", exact=False).wait_for()
+    # The session is the server's: an HttpOnly cookie the page's scripts cannot read or set.
+    [cookie] = [c for c in page.context.cookies() if c["name"] == COOKIE_NAME]
+    assert cookie["httpOnly"] and COOKIE_NAME not in page.evaluate("document.cookie")
     page.close()
 
     store = VoteStore(database)
     votes = store.votes()
     store.close()
     assert [v.choice for v in votes] == ["left", "right"]
-    assert len({v.session_id for v in votes}) == 1
+    assert {v.session_id for v in votes} == {cookie["value"].partition(".")[0]}
     assert [v.prompt for v in votes] == [first_prompt, second_prompt]
