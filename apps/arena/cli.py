@@ -17,7 +17,10 @@ AUTH_ENV = "DIFFALIGN_ARENA_AUTH"
 
 def build_arena(sources: list[str], database: str | Path, seed: int | None = None, bootstrap_rounds: int = 200,
                 limits=None):
-    """Sources checked and matched, the vote store opened and told the items, the scheduler restored."""
+    """Sources checked and matched, the vote store opened and told the items, the scheduler restored.
+
+    ``limits``: the :class:`~diffalign.apps.arena.sessions.RateLimits` (default: its documented defaults).
+    """
     from diffalign.apps.arena.app import Arena
     from diffalign.apps.arena.schedule import PairScheduler
     from diffalign.apps.arena.sessions import RateLimits

@@ -14,6 +14,7 @@ cookies) and the suspicious-session flags (:mod:`.suspicion`) are for.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -57,8 +58,6 @@ class SessionSigner:
         self._key = key
 
     def _signature(self, session_id: str) -> str:
-        import base64
-
         digest = hmac.new(self._key, session_id.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
