@@ -45,7 +45,7 @@ from diffalign.data.dataset import Key
 from diffalign.fingerprint import fingerprint
 from diffalign.atomic import staged_folder
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the manifest's "skipped" lists every skipped row id (SkipReport.to_dict()["rows"])
 CACHE_FORMAT = "diffalign-cache"  # with format_version = CACHE_VERSION: the marker that makes a folder ours to replace
 MANIFEST = "manifest.json"
 ENCODER_FOLDERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")

@@ -13,11 +13,13 @@ Typical use::
     print(report.summary())
 """
 
+from diffalign.data.check import SelectedRows, check_rows, require_rows
 from diffalign.data.dataset import (
     EpochBatchSampler,
     PreferenceDataset,
     collate_groups,
     derive_seed,
+    load_group,
 )
 from diffalign.data.images import decode_image, to_rgb
 from diffalign.data.jsonl import JsonlSource
@@ -27,7 +29,7 @@ from diffalign.data.ranked import RankedSource
 from diffalign.data.report import SkippedRow, SkipReport
 from diffalign.data.sources import PreferenceSource, open_preference_source, open_source
 from diffalign.data.transforms import GroupPixels, GroupTransform
-from diffalign.data.types import BadRowError, PreferenceGroup
+from diffalign.data.types import BadRowError, NoUsableRowsError, PreferenceGroup
 
 __all__ = [
     "BadRowError",
@@ -35,18 +37,23 @@ __all__ = [
     "GroupPixels",
     "GroupTransform",
     "JsonlSource",
+    "NoUsableRowsError",
     "PickapicSource",
     "PreferenceDataset",
     "PreferenceGroup",
     "PreferenceSource",
     "RankedSource",
+    "SelectedRows",
     "SkipReport",
     "SkippedRow",
+    "check_rows",
     "collate_groups",
     "decode_image",
     "derive_seed",
+    "load_group",
     "open_preference_source",
     "open_source",
+    "require_rows",
     "select_split_files",
     "to_rgb",
 ]

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from diffalign.data.images import check_image_sizes
 from diffalign.data.sources import PreferenceSource
 from diffalign.data.transforms import GroupTransform
-from diffalign.data.types import BadRowError
+from diffalign.data.types import BadRowError, PreferenceGroup
 
-__all__ = ["PreferenceDataset", "collate_groups", "EpochBatchSampler", "derive_seed"]
+__all__ = ["PreferenceDataset", "collate_groups", "EpochBatchSampler", "derive_seed", "load_group"]
 
 Key = tuple[int, int]
 
@@ -35,6 +36,17 @@ def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (stable across processes and runs)."""
     digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def load_group(source: PreferenceSource, index: int) -> PreferenceGroup:
+    """Row ``index`` decoded and checked as training uses it; BadRowError for a bad row.
+
+    The one place a row is judged after decoding, so ``data check``, a ``data.validate=full``
+    run and the lazy path skip exactly the same rows for the same reasons.
+    """
+    group = source.load(index)
+    check_image_sizes(group.images, row_id=group.row_id, source=source.name)
+    return group
 
 
 class PreferenceDataset(Dataset[dict[str, Any]]):
@@ -71,7 +83,7 @@ class PreferenceDataset(Dataset[dict[str, Any]]):
                 "use EpochBatchSampler as the DataLoader's batch_sampler"
             ) from None
         try:
-            group = self.source.load(index)
+            group = load_group(self.source, index)
         except BadRowError as err:
             return {"row_id": err.row_id, "bad": err.reason}
         px = self.transform(group.images, self.generator_for(epoch, index))

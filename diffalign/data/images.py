@@ -19,7 +19,11 @@ import PIL.ImageOps
 
 from diffalign.data.types import BadRowError
 
-__all__ = ["decode_image", "to_rgb"]
+__all__ = ["MIN_IMAGE_SIDE", "check_image_sizes", "decode_image", "to_rgb"]
+
+# Preference images smaller than this on a side are placeholders (tracking pixels, failed generations),
+# not pictures: upscaled to the training resolution they become flat colour. The toy world's smallest images are 8 px.
+MIN_IMAGE_SIDE = 8
 
 _WHITE = (255, 255, 255, 255)
 
@@ -28,9 +32,10 @@ def decode_image(data: bytes | str | Path, *, row_id: str, source: str) -> PIL.I
     """Decode ``data`` (encoded bytes or a file path) into a loaded RGB image.
 
     The EXIF orientation is applied (images come out as a viewer shows them).
-    Any decoding error -- unknown format, truncation, decompression bomb,
+    Any decoding error -- unknown format, truncation, an empty file,
     unreadable file -- becomes ``BadRowError("undecodable image: ...")`` naming
-    ``source`` and ``row_id``. Note that Pillow's global
+    ``source`` and ``row_id``; a header that claims more than twice Pillow's
+    ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb) ``"image too large: ..."``. Note that Pillow's global
     ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` would make truncated files load.
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -50,7 +55,9 @@ def decode_image(data: bytes | str | Path, *, row_id: str, source: str) -> PIL.I
             if rgb is opened:  # closing `opened` would invalidate it
                 rgb = rgb.copy()
             return rgb
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
+    except PIL.Image.DecompressionBombError as exc:  # the header claims more than 2x Image.MAX_IMAGE_PIXELS
+        raise BadRowError(source, row_id, f"image too large: {exc} ({what})") from exc
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError...
         detail = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # no memory addresses in reports
         raise BadRowError(source, row_id, f"undecodable image: {type(exc).__name__}: {detail} ({what})") from exc
 
@@ -87,3 +94,13 @@ def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
         background = PIL.Image.new("RGBA", rgba.size, _WHITE)
         return PIL.Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def check_image_sizes(images: list[PIL.Image.Image], *, row_id: str, source: str) -> None:
+    """BadRowError ``"image too small: ..."`` when an image of a preference row has a side under MIN_IMAGE_SIDE."""
+    for i, img in enumerate(images):
+        if min(img.size) < MIN_IMAGE_SIDE:
+            raise BadRowError(
+                source, row_id,
+                f"image too small: image {i} is {img.width}x{img.height} px (preference images need both sides >= {MIN_IMAGE_SIDE})",
+            )

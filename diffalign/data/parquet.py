@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffalign.data.types import BadRowError
+from diffalign.data.types import BadRowError, NoUsableRowsError
 
 if TYPE_CHECKING:
     import datasets
@@ -23,6 +23,7 @@ __all__ = [
     "image_payload",
     "is_save_to_disk",
     "pick_split",
+    "require_parquet_rows",
     "select_split_files",
     "split_labels",
     "undecoded_images",
@@ -66,6 +67,13 @@ def image_payload(value: Any, row_id: str, source: str) -> bytes | str:
     if value is None:
         raise BadRowError(source, row_id, "undecodable image: image cell is empty (null)")
     raise BadRowError(source, row_id, f"undecodable image: unexpected cell type {type(value).__name__}")
+
+
+def require_parquet_rows(files: Sequence[Path], rows: Sequence[int], root: Path) -> None:
+    """NoUsableRowsError when the footers say there are no rows: ``datasets`` would fail with a traceback of its own."""
+    if sum(rows) == 0:
+        names = ", ".join(str(f) for f in files[:5]) + (", ..." if len(files) > 5 else "")
+        raise NoUsableRowsError(f"{root}: the data set is empty: its parquet file(s) hold 0 rows ({names})")
 
 
 def split_labels(rel: Path) -> set[str]:

@@ -24,6 +24,7 @@ from diffalign.data.parquet import (
     image_payload,
     is_save_to_disk,
     pick_split,
+    require_parquet_rows,
     select_split_files,
     undecoded_images,
 )
@@ -301,6 +302,7 @@ def _open_parquet(
 
     check_pickapic_schemas(files)
     rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    require_parquet_rows(files, rows, root)
     ds = datasets.load_dataset(
         "parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
     )

@@ -24,6 +24,7 @@ from diffalign.data.parquet import (
     CHUNK_ROWS,
     image_payload,
     is_save_to_disk,
+    require_parquet_rows,
     select_split_files,
     undecoded_images,
 )
@@ -174,6 +175,7 @@ class ParquetLayout:
         for f in files:
             _check_ranked_schema(pq.read_schema(f), str(f))
         rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        require_parquet_rows(files, rows, root)
         ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
         if len(ds) != sum(rows):
             raise RuntimeError(f"{root}: datasets loaded {len(ds)} rows but the parquet footers say {sum(rows)}")

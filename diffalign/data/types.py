@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import PIL.Image
 
-__all__ = ["PreferenceGroup", "BadRowError"]
+__all__ = ["PreferenceGroup", "BadRowError", "NoUsableRowsError"]
 
 
 @dataclass
@@ -53,3 +53,12 @@ class BadRowError(ValueError):
     def __reduce__(self) -> tuple[type[BadRowError], tuple[str, str, str]]:
         # Keeps the exception picklable across DataLoader worker processes.
         return (type(self), (self.source, self.row_id, self.reason))
+
+
+class NoUsableRowsError(ValueError):
+    """A data set with no rows, or none that can be used: a dataset problem, never a row to skip.
+
+    Raised instead of what would follow (a ``datasets`` traceback on an empty
+    parquet file, a training loop drawing empty batches forever); the message
+    names the data and, when rows were skipped, why.
+    """

@@ -107,8 +107,8 @@ def test_manifest_folder_reports_bad_images_and_summary_matches_table(tiny_clip:
     assert summary["layout"] == "manifest" and summary["images"] == 3
     skipped = summary["skipped"]
     assert skipped["counts"] == {"undecodable image": 1, "missing prompt": 1} and skipped["rows_seen"] == 5
-    assert [e["row_id"] for e in skipped["examples"]["undecodable image"]] == ["corrupt.jpg"]
-    assert [e["row_id"] for e in skipped["examples"]["missing prompt"]] == ["noprompt.png"]
+    assert [e["row_id"] for e in skipped["rows"]["undecodable image"]] == ["corrupt.jpg"]
+    assert [e["row_id"] for e in skipped["rows"]["missing prompt"]] == ["noprompt.png"]
     for name in ("clipscore", "pickscore"):
         values = np.array([float(r[name]) for r in rows])
         assert summary["scorers"][name] == pytest.approx(
