@@ -1,15 +1,35 @@
-"""Training data for the loop: raw preference rows, or a matching cache of encoded groups."""
+"""Training data for the loop: raw preference rows, or a matching cache of encoded groups.
+
+Bad rows are counted once per run, by id (:class:`~diffalign.data.SkipReport`). ``data.validate``
+says when images are judged: ``full`` decodes every row before the first step (exactly the rows
+``diffalign data check`` reports are skipped, all of them); ``lazy`` (default) starts at once and
+finds a bad image when a batch first draws it, so a short run reports only the rows it drew --
+the summary says how many rows were decoded.
+"""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import numpy as np
 
 from diffalign.backbones import Backbone
 from diffalign.cache import CachedGroupsDataset, check_cache, collate_cached
 from diffalign.config import ConfigError
-from diffalign.data import EpochBatchSampler, GroupTransform, PreferenceDataset, SkipReport, collate_groups, derive_seed, open_source
+from diffalign.data import (
+    EpochBatchSampler,
+    GroupTransform,
+    PreferenceDataset,
+    SelectedRows,
+    SkipReport,
+    check_rows,
+    collate_groups,
+    derive_seed,
+    open_source,
+    require_rows,
+)
 from diffalign.data.captioned import rows_with_captions
 from diffalign.data.prompts import PromptDataset, PromptSource, collate_prompts
 
@@ -35,6 +55,7 @@ class KeyedDataset:
     def __getitem__(self, key: tuple[int, int]) -> dict:
         item = self.dataset[key]
         item["noise_seed"] = derive_seed("noise", self.seed, *key)
+        item["index"] = key[1]
         return item
 
 
@@ -44,6 +65,7 @@ def with_noise_seeds(collate: Callable[[list[dict]], dict]) -> Callable[[list[di
     def collate_with_seeds(items: list[dict]) -> dict:
         batch = collate(items)
         batch["noise_seeds"] = [item["noise_seed"] for item in items if "bad" not in item]
+        batch["drawn"] = [item["index"] for item in items]  # good and bad: which rows this batch decoded
         return batch
 
     return collate_with_seeds
@@ -57,13 +79,31 @@ class TrainingData:
     collate: Callable[[list[dict]], dict]
     report: SkipReport
     source_name: str
+    lazy: bool = False  # images judged as batches draw them (data.validate=lazy): track which rows were decoded
+    _drawn: np.ndarray = field(init=False, repr=False)
+    _bad: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._drawn = np.zeros(len(self.dataset) if self.lazy else 0, dtype=bool)
 
     def batch_sampler(self, batch_size: int, seed: int, start_batch: int) -> EpochBatchSampler:
         return EpochBatchSampler(len(self.dataset), batch_size, seed, shuffle=True, drop_last=True, start_batch=start_batch)
 
     def usable(self, batch: dict) -> bool:
-        """Record rows that failed to decode; False when none of the batch is left."""
-        self.report.record_all(self.source_name, batch.get("skipped", []))
+        """Record rows that failed to decode (each once per run); False when none of the batch is left.
+
+        Raises NoUsableRowsError once every row of the data has failed: the loop would draw empty batches forever.
+        """
+        for row_id, reason in batch.get("skipped", []):
+            self._bad += self.report.record(self.source_name, row_id, reason)
+        if self.lazy:
+            self._drawn[batch["drawn"]] = True
+            self.report.images_checked = (
+                f"lazy (data.validate=lazy): {int(self._drawn.sum())} of {self._drawn.size} rows decoded, "
+                f"{self._bad} of them bad; rows never drawn were not checked (`diffalign data check` or data.validate=full counts them all)"
+            )
+        if self._bad >= len(self.dataset):
+            require_rows(0, self.report, self.source_name)
         return bool(batch["row_ids"])
 
 
@@ -75,10 +115,13 @@ def build_training_data(config: TrainConfig, backbone: Backbone, layout: DataLay
     needs them. With ``data.cache_dir`` the cache must match the model and the data.
     """
     report = SkipReport()
+    main_process = accelerator is None or accelerator.is_main_process
     if layout == "prompts":
         if config.data.cache_dir is not None:
             raise ConfigError("data.cache_dir: online methods sample their own images; there is nothing to cache")
         prompts = PromptSource(config.data.path, report, config.data.max_rows)
+        require_rows(len(prompts), report, prompts.name)
+        _say(main_process, f"data.validate={config.data.validation} does not apply: an online method reads prompts only")
         return TrainingData(KeyedDataset(PromptDataset(prompts), config.train.seed), with_noise_seeds(collate_prompts), report, prompts.name)
     if layout == "sampled_reference_pairs":
         from .pso.references import ensure_reference_pairs
@@ -90,6 +133,9 @@ def build_training_data(config: TrainConfig, backbone: Backbone, layout: DataLay
         manifest = check_cache(config.data.cache_dir, config.model, config.data, require_captions=captioned)
         dataset = CachedGroupsDataset(config.data.cache_dir, manifest)
         report.merge(manifest["skipped"])  # rows the cache builder skipped stay in this run's summary
+        report.images_checked = "from the cache: its builder decoded every row once (the rows it skipped are listed)"
+        require_rows(len(dataset), report, config.data.cache_dir)
+        _say(main_process, f"data.validate={config.data.validation}: nothing to decode, {report.images_checked}")
         collate = functools.partial(collate_cached, empty_text=dataset.text(0))
         return TrainingData(KeyedDataset(dataset, config.train.seed), with_noise_seeds(collate), report, config.data.cache_dir)
     source = open_source(config.data, report)
@@ -98,5 +144,21 @@ def build_training_data(config: TrainConfig, backbone: Backbone, layout: DataLay
     transform = GroupTransform(
         config.data.resolution, config.data.center_crop, config.data.random_flip, config.data.sdxl_size_conditioning
     )
+    lazy = config.data.validation == "lazy"
+    if lazy:
+        require_rows(len(source), report, source.name)
+        _say(main_process, "data.validate=lazy: images are decoded as batches draw them and a bad one is reported when first "
+             "drawn; `diffalign data check PATH` or data.validate=full finds every bad row before training")
+    else:
+        _say(main_process, f"data.validate=full: decoding all {len(source)} rows of {source.name} before training")
+        good = check_rows(source, report, workers=config.data.num_workers, progress=main_process)
+        require_rows(len(good), report, source.name)
+        _say(main_process, f"data.validate=full: {len(good)} of {len(source)} rows are usable; training on those only")
+        source = source if len(good) == len(source) else SelectedRows(source, good)
     dataset = PreferenceDataset(source, transform, config.train.seed)
-    return TrainingData(KeyedDataset(dataset, config.train.seed), with_noise_seeds(collate_groups), report, source.name)
+    return TrainingData(KeyedDataset(dataset, config.train.seed), with_noise_seeds(collate_groups), report, source.name, lazy=lazy)
+
+
+def _say(main_process: bool, message: str) -> None:
+    if main_process:
+        print(f"diffalign: {message}")

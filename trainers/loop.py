@@ -256,7 +256,7 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
             record["nonfinite_skipped_steps"] = guard.skipped
         final_dir = save_final(accelerator.unwrap_model(policy), backbone, output_dir, run.mode, record)
         summary = data.report.summary()
-        (output_dir / "skipped_rows.json").write_text(json.dumps(data.report.counts, indent=2))
+        (output_dir / "skipped_rows.json").write_text(json.dumps(data.report.to_dict(), indent=2))  # ids per reason
         print(summary)
         if guard.skipped:
             print(f"diffalign: skipped the updates of {guard.skipped} optimizer step(s) whose loss or gradient norm was "

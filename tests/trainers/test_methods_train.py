@@ -177,7 +177,7 @@ def test_dcpo_reports_and_skips_rows_without_dual_captions(tiny_models, tmp_path
     manifest.write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     assert main(method_args("dcpo", "sd15", tiny_models["sd15"], manifest, out)) == 0
-    counts = json.loads((out / "skipped_rows.json").read_text())
+    counts = json.loads((out / "skipped_rows.json").read_text())["counts"]
     assert counts["missing caption"] == 2
     assert "missing caption" in capsys.readouterr().out
 
@@ -297,8 +297,8 @@ def test_rankdpo_run_reports_and_skips_bad_ranked_rows(tiny_models, method_data,
     pq.write_table(table.schema.empty_table().from_pylist(rows, schema=table.schema), bad)
     out = tmp_path / "run"
     assert main(method_args("rankdpo", "sd15", tiny_models["sd15"], bad, out, "train.max_steps=8")) == 0
-    counts = json.loads((out / "skipped_rows.json").read_text())
-    assert counts["size mismatch"] == 1 and counts["bad score"] == 1 and counts["undecodable image"] >= 1
+    counts = json.loads((out / "skipped_rows.json").read_text())["counts"]
+    assert counts["size mismatch"] == 1 and counts["bad score"] == 1 and counts["undecodable image"] == 1
     assert len(read_metrics(out / "metrics.jsonl")) == 8
 
 

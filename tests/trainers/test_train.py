@@ -339,7 +339,10 @@ def test_bad_rows_are_skipped_and_summarised_at_the_end_of_a_run(tiny_models, to
     out = tmp_path / "run"
     assert main(train_args("sd15", tiny_models["sd15"], bad, out, "train.max_steps=8", "train.batch_size=2")) == 0
     printed = capsys.readouterr().out
-    counts = json.loads((out / "skipped_rows.json").read_text())
-    assert counts["tie"] == 1 and counts["label out of {0, 0.5, 1}"] == 1 and counts["undecodable image"] >= 1
+    skipped = json.loads((out / "skipped_rows.json").read_text())
+    assert skipped["counts"] == {"tie": 1, "label out of {0, 0.5, 1}": 1, "undecodable image": 1}  # 8 steps = 2 epochs: once
+    assert {k: [r["row_id"] for r in v] for k, v in skipped["rows"].items()} == {
+        "tie": ["bad.parquet:2"], "label out of {0, 0.5, 1}": ["bad.parquet:3"], "undecodable image": ["bad.parquet:1"]}
     assert "skipped" in printed and "undecodable image" in printed and "tie" in printed
+    assert "data.validate=lazy" in printed and "rows decoded" in printed
     assert len(read_metrics(out / "metrics.jsonl")) == 8
