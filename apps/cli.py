@@ -5,7 +5,8 @@ captions (add a second, per-image caption to pairs for DCPO), score (score image
 reward models), score-pairs (a scorer's preference accuracy on Pick-a-Pic-schema pairs), generate (images for a
 prompt file, optionally with trained weights), compare (win rates of two scored folders), rank
 (ranked lists from several sources and scorers, RankDPO's data), arena (blind side-by-side human votes
-in a Gradio app), export-votes (those votes as Pick-a-Pic v2 parquet for train).
+in a Gradio app), export-votes (those votes as Pick-a-Pic v2 parquet for train), data check (decode every row of a
+data set and report each bad row).
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from diffalign.apps.arena.cli import add_arena_parsers
     from diffalign.apps.captions_cli import add_captions_parser
+    from diffalign.apps.data_cli import add_data_parsers
     from diffalign.apps.eval_cli import add_eval_parsers
     from diffalign.apps.score_cli import add_score_parsers
 
@@ -141,11 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_parsers(commands)
     add_eval_parsers(commands)
     add_arena_parsers(commands)
+    add_data_parsers(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from diffalign.config import ConfigError
+    from diffalign.data.types import NoUsableRowsError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "diffusers", "transformers", "accelerate"):
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError, ImportError) as error:
+    except (ConfigError, FileNotFoundError, ImportError, NoUsableRowsError) as error:
         print(f"diffalign {args.command}: error: {error}", file=sys.stderr)
         return 2
 
