@@ -4,7 +4,9 @@ Bad rows are counted once per run, by id (:class:`~diffalign.data.SkipReport`). 
 says when images are judged: ``full`` decodes every row before the first step (exactly the rows
 ``diffalign data check`` reports are skipped, all of them); ``lazy`` (default) starts at once and
 finds a bad image when a batch first draws it, so a short run reports only the rows it drew --
-the summary says how many rows were decoded.
+the summary says how many rows were decoded. Under DDP, ``full`` decodes every row in every process
+(each then knows every bad row; the main process writes them all), while ``lazy`` records in each
+process the rows that process drew, and only the main process's rows reach ``skipped_rows.json``.
 """
 
 from __future__ import annotations
