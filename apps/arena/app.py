@@ -12,7 +12,8 @@ address, and new sessions per address.
 
 Blinding: every time a pair is issued its images are written with a fresh random PNG text chunk,
 so Gradio's content-hash file names differ per session and per issue: a URL seen once (and the
-models a vote revealed for it) says nothing about any other showing.
+models a vote revealed for it) says nothing about any other showing. The chunk also pads the file
+to a size class, so the byte size does not name the image either.
 
 API (what the page itself calls; ``gradio_client`` can call it too, keeping the cookie):
 
@@ -45,6 +46,7 @@ from typing import Any
 
 import gradio as gr
 import PIL.Image
+from gradio.processing_utils import encode_pil_to_bytes
 
 from diffalign.apps.arena.rank import leaderboard, outcomes, write_heatmap
 from diffalign.apps.arena.schedule import PairScheduler, Showing
@@ -179,17 +181,31 @@ LEADERBOARD_HEADERS = ["rank", "model", "Bradley-Terry (Elo scale)", "95% CI", "
 
 
 def _blind_image(item: ArenaItem) -> PIL.Image.Image:
-    """The item's pixels only, plus a random nonce.
+    """The item's pixels only, plus a random nonce that also pads the PNG to a size class.
 
     Metadata (which may name the model) does not travel. The nonce becomes a PNG text chunk when
     Gradio encodes the image, so its content-hash file name is new at every showing: without it
-    the same image had the same URL in every session, and one revealing vote named its model for all.
+    the same image had the same URL in every session, and one revealing vote named its model for
+    all. Its length pads the file to :func:`_padded_size`, so the byte size names no image either.
     """
     with PIL.Image.open(item.path) as image:
         image.load()
         clean = image.convert("RGBA" if image.mode in ("RGBA", "LA", "PA") else "RGB")
-    clean.info = {"nonce": secrets.token_hex(16)}
+    clean.info = {}
+    bare = len(encode_pil_to_bytes(clean, "png"))  # what Gradio's encoder writes, less the chunk below
+    overhead = 12 + len(_NONCE_KEY) + 1  # a tEXt chunk: length, type, CRC, keyword, NUL separator
+    text = _padded_size(bare + overhead + 32) - bare - overhead
+    clean.info = {_NONCE_KEY: secrets.token_hex((text + 1) // 2)[:text]}
     return clean
+
+
+_NONCE_KEY = "nonce"
+
+
+def _padded_size(size: int) -> int:
+    """``size`` rounded up to a size class: a multiple of 4 KiB, or of 1/16 of the power of two above it."""
+    quantum = max(4096, (1 << (size - 1).bit_length()) // 16)
+    return -(-size // quantum) * quantum
 
 
 def _user_session(username: str) -> str:

@@ -51,9 +51,10 @@ def test_invented_sessions_get_no_votes_counted(toy_arena_sources, start_arena, 
     store.close()
 
 
-def _served(http: httpx.Client, image: dict) -> tuple[str, np.ndarray]:
+def _served(http: httpx.Client, image: dict, sizes: set[int]) -> tuple[str, np.ndarray]:
     response = http.get(image["url"])
     assert response.status_code == 200
+    sizes.add(len(response.content))
     return image["url"], np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
 
 
@@ -62,6 +63,7 @@ def test_image_urls_reveal_nothing_across_sessions_or_showings(toy_arena_sources
     url, _ = start_arena(toy_arena_sources.values(), tmp_path / "votes.sqlite", "--seed", "0")
     learned: dict[str, str] = {}  # URL -> the model a vote revealed for it (what the filed attack collected)
     pixels_a = []
+    sizes: set[int] = set()
     a, b = ArenaClient(url), ArenaClient(url)
     with httpx.Client(trust_env=False) as http:
         for _ in range(15):
@@ -70,20 +72,21 @@ def test_image_urls_reveal_nothing_across_sessions_or_showings(toy_arena_sources
             assert {pair["left"]["url"], pair["right"]["url"]}.isdisjoint({again["left"]["url"], again["right"]["url"]})
             result = a.vote("left", again["token"])
             for side, model in (("left", result["left_model"]), ("right", result["right_model"])):
-                served_url, pixels = _served(http, again[side])
+                served_url, pixels = _served(http, again[side], sizes)
                 learned[served_url] = model
                 pixels_a.append(pixels)
         shared_images = 0
         for _ in range(15):
             pair = b.next_pair()
             for side in ("left", "right"):
-                served_url, pixels = _served(http, pair[side])
+                served_url, pixels = _served(http, pair[side], sizes)
                 assert served_url not in learned, "a URL seen in another session names its model"
                 assert Path(served_url.rsplit("=", 1)[-1]).parent.name not in {
                     Path(u.rsplit("=", 1)[-1]).parent.name for u in learned}
                 shared_images += any(np.array_equal(pixels, seen) for seen in pixels_a)
             b.vote("tie", pair["token"])
     assert shared_images > 0, "the sessions should have been shown some of the same images"
+    assert sizes == {4096}, "every toy image is padded to one size class: the byte size names no image"
     assert Path(a.next_pair()["left"]["path"]).resolve().parts[-3].startswith("diffalign-arena-"), "a private folder"
     a.close()
     b.close()
