@@ -107,14 +107,19 @@ class Arena:
         self._session_votes = SlidingWindow(limits.session_votes_per_minute, 60.0)
         self._address_votes = SlidingWindow(limits.address_votes_per_minute, 60.0)
         self._address_sessions = SlidingWindow(limits.address_sessions_per_hour, 3600.0)
+        self._session_pairs = SlidingWindow(limits.session_pairs_per_minute, 60.0)
         self._issue_lock = threading.Lock()
         scheduler.restore(store.issued_pairs())
 
     def issue(self, session_id: str, address: str | None = None) -> Issued | None:
         """The session's pending pair again (fresh token), else a new one; ``None`` when it has seen every pair.
 
-        A session's first pair counts as a new session of ``address``; over the limit raises :class:`RateLimited`.
+        A session's first pair counts as a new session of ``address``; over that limit, or over the session's
+        pairs a minute, raises :class:`RateLimited`.
         """
+        if not self._session_pairs.allow(session_id):
+            raise RateLimited(f"too many pairs asked for (limit {self.limits.session_pairs_per_minute} a minute "
+                              "in one session); wait a minute")
         with self._issue_lock:  # one session's reload and vote must not both draw a new pair
             if (address is not None and self.scheduler.seen_count(session_id) == 0
                     and not self._address_sessions.allow(address)):

@@ -68,7 +68,8 @@ def _arena(args: argparse.Namespace) -> int:
 
     try:
         auth = read_auth(args.auth_file)
-        limits = RateLimits(args.session_votes_per_minute, args.address_votes_per_minute, args.address_sessions_per_hour)
+        limits = RateLimits(args.session_votes_per_minute, args.address_votes_per_minute, args.address_sessions_per_hour,
+                            args.session_pairs_per_minute)
         arena = build_arena(args.source, args.db, seed=args.seed, bootstrap_rounds=args.bootstrap_rounds, limits=limits)
     except (SourceError, StoreError, ValueError) as error:
         print(f"diffalign arena: error: {error}", file=sys.stderr)
@@ -122,6 +123,8 @@ def add_arena_parsers(commands: argparse._SubParsersAction) -> None:
                        help="most votes from one client address in any minute (0: no limit)")
     arena.add_argument("--address-sessions-per-hour", type=int, default=60,
                        help="most new sessions one client address may start in any hour (0: no limit)")
+    arena.add_argument("--session-pairs-per-minute", type=int, default=240,
+                       help="most pairs (reloads included) one session may be shown in any minute (0: no limit)")
     arena.set_defaults(run=_arena)
 
     export = commands.add_parser("export-votes", help="arena votes -> Pick-a-Pic v2-schema parquet for `diffalign train`")

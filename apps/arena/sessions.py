@@ -126,9 +126,11 @@ class RateLimits:
     session_votes_per_minute: int = 120  # a person needs a second or more to look at two images
     address_votes_per_minute: int = 6000  # many people behind one NAT or proxy share an address
     address_sessions_per_hour: int = 60  # new sessions (cookies) one address may start
+    session_pairs_per_minute: int = 240  # pairs (re)issued to one session: each stores a token
 
     def __post_init__(self) -> None:
-        for name in ("session_votes_per_minute", "address_votes_per_minute", "address_sessions_per_hour"):
+        for name in ("session_votes_per_minute", "address_votes_per_minute", "address_sessions_per_hour",
+                     "session_pairs_per_minute"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
 

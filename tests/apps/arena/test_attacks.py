@@ -107,7 +107,8 @@ def test_image_urls_reveal_nothing_across_sessions_or_showings(toy_arena_sources
 def test_rate_limits_per_session_and_per_address(toy_arena_sources, start_arena, tmp_path):
     database = tmp_path / "votes.sqlite"
     url, _ = start_arena(toy_arena_sources.values(), database, "--session-votes-per-minute", "5",
-                         "--address-sessions-per-hour", "2", "--address-votes-per-minute", "7")
+                         "--address-sessions-per-hour", "2", "--address-votes-per-minute", "7",
+                         "--session-pairs-per-minute", "8")
     first, second, third = ArenaClient(url), ArenaClient(url), ArenaClient(url)
     results = [first.vote("left", first.next_pair()["token"])["reason"] for _ in range(6)]
     assert results == ["stored"] * 5 + ["rate limited: over 5 votes a minute in this session"]
@@ -116,6 +117,9 @@ def test_rate_limits_per_session_and_per_address(toy_arena_sources, start_arena,
     assert results == ["stored", "stored", "rate limited: over 7 votes a minute from this address"]
     pair = third.next_pair()  # a third new session from the same address within the hour
     assert pair["token"] == "" and "too many new sessions" in pair["prompt"]
+    # Reloading to mint tokens: the second session has had 3 pairs; 5 more are allowed, then refused.
+    reloads = [second.next_pair() for _ in range(6)]
+    assert all(p["token"] for p in reloads[:5]) and reloads[5]["token"] == "" and "too many pairs" in reloads[5]["prompt"]
     for client in (first, second, third):
         client.close()
     store = VoteStore(database)
