@@ -114,7 +114,8 @@ def run_quickstart(output_dir: Path, overrides: list[str] | None = None, cache_r
     run_dir = output_dir / "run"
     config = load_train_config(
         config_path,
-        [f"model.path={base}", f"data.path={world.train}", f"train.output_dir={run_dir}", *(overrides or [])],
+        # A second quickstart moves the first one's run aside (run.moved-<time>) rather than refusing: it is a demo.
+        [f"model.path={base}", f"data.path={world.train}", f"train.output_dir={run_dir}", "train.overwrite=true", *(overrides or [])],
     )
     heldout = open_preference_source(str(world.heldout), report=SkipReport())
     backbone = load_backbone(config.model)

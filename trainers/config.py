@@ -68,6 +68,16 @@ class TrainSection(StrictModel):
     checkpointing_steps: int = Field(500, gt=0, description="Save checkpoint-{step} every N steps.")
     checkpoints_total_limit: int | None = Field(None, gt=0, description="Keep only the last K checkpoints.")
     resume_from: str | None = Field(None, description="A checkpoint folder, or 'latest' in output_dir.")
+    overwrite: bool = Field(
+        False,
+        description="A new run in an output_dir that holds another run's checkpoints or final/ moves that run aside to "
+        "<output_dir>.moved-<time> (never deletes it); without this the new run is refused.",
+    )
+    allow_resume_changes: bool = Field(
+        False,
+        description="Resume even if the batch geometry (batch size, accumulation, processes), data or method changed; "
+        "the changes are recorded in run.json. Without this such a resume is refused with the list of changes.",
+    )
     log_every: int = Field(1, gt=0)
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     progress_bar: bool = True

@@ -33,6 +33,7 @@ from .data import TrainingData, build_training_data
 from .export import save_final
 from .finite import NonFiniteGuard, NonFiniteTrainingError, agree_across_processes, any_nonfinite, require_finite_weights
 from .metrics import MetricsWriter, MetricWindow
+from .run_folder import claim_output_dir
 from .models import (
     build_lr_scheduler,
     build_optimizer,
@@ -144,9 +145,12 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
     run = config.train
     output_dir = Path(run.output_dir)
     set_seed(run.seed)
+    # The folder must be this run's before anything is written to it (run_folder.py).
+    resuming = resolve_resume(run.resume_from, output_dir) is not None
+    claim_output_dir(config, accelerator.num_processes, resuming, write=accelerator.is_main_process)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config.to_yaml())
+    accelerator.wait_for_everyone()
 
     # --- setup: method, model, data, optimisation ---------------------------------------------
     setup = setup_training(config, accelerator, reward)
