@@ -21,13 +21,14 @@ from diffalign.dtypes import DTYPE_NAMES, parse_dtype
 
 def _train(args: argparse.Namespace) -> int:
     from diffalign.trainers.config import load_train_config
+    from diffalign.atomic import DiskFullError
     from diffalign.trainers.finite import NonFiniteTrainingError
     from diffalign.trainers.loop import train
 
     config = load_train_config(args.config, args.overrides)
     try:
         train(config, reward=_scorer_reward(config.method))
-    except NonFiniteTrainingError as error:  # a failed run, not a usage error (2): the message says what to change
+    except (NonFiniteTrainingError, DiskFullError) as error:  # a failed run, not a usage error (2): the message says what to do
         print(f"diffalign train: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -7,12 +7,50 @@ by rename; a folder already at the target is kept until the swap has happened.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+class DiskFullError(OSError):
+    """A write ran out of space (or hit a file-size or quota limit); what was there before is intact."""
+
+
+# How a full disk surfaces: OSError errnos, or the messages of writers that wrap them (torch's
+# PytorchStreamWriter, safetensors' Rust IoError).
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_MESSAGES = ("no space left", "file too large", "filetoolarge", "storagefull", "disk quota", "file write failed")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+            return True
+        if any(text in str(error).lower() for text in _FULL_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def full_disk_is_reported(target: str | Path, intact: str) -> Iterator[None]:
+    """Turn a full disk while writing ``target`` into a DiskFullError naming the path and what is intact."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"writing {target}: the disk is full (or a file-size/quota limit was reached: {error}). Nothing was "
+            f"replaced: {intact}. Free space, then resume with train.resume_from=latest.",
+        ) from error
 
 
 def _umask() -> int:

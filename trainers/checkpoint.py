@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from diffalign.atomic import replace_folder
+from diffalign.atomic import DiskFullError, full_disk_is_reported, replace_folder
 
 from .finite import require_finite_weights
 
@@ -106,10 +106,18 @@ def save_checkpoint(
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))  # every rank calls it (DeepSpeed needs that)
-    accelerator.wait_for_everyone()
+    previous = list_checkpoints(output_dir)
+    intact = f"the newest checkpoint {previous[-1]} is complete" if previous else "no checkpoint was written before this one"
+    try:
+        with full_disk_is_reported(final, intact):
+            accelerator.save_state(str(staging))  # every rank calls it (DeepSpeed needs that)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                (staging / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+    except DiskFullError:
+        shutil.rmtree(staging, ignore_errors=True)  # the half-written staging copy only: give the space back
+        raise
     if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
         replace_folder(staging, final)
         if keep_last is not None:
             for old in checkpoints_to_prune(list_checkpoints(output_dir), keep_last, newest=final):

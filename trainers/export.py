@@ -18,7 +18,7 @@ from torch import nn
 
 from diffalign.backbones import Backbone, denoiser_subfolder
 
-from diffalign.atomic import staged_folder
+from diffalign.atomic import full_disk_is_reported, staged_folder
 
 RECORD_FILE = "diffalign.json"
 
@@ -26,7 +26,8 @@ RECORD_FILE = "diffalign.json"
 def save_final(network: nn.Module, backbone: Backbone, output_dir: str | Path, mode: str, record: dict[str, Any]) -> Path:
     """Write ``output_dir/final`` atomically (staging folder, then rename)."""
     final = Path(output_dir) / "final"
-    with staged_folder(final) as staging:
+    intact = "the checkpoints are complete" + ("; the previous final/ is unchanged" if final.exists() else "")
+    with full_disk_is_reported(final, intact), staged_folder(final) as staging:  # staging is removed on error
         _write_final(staging, network, backbone, mode, record)
     return final
 

@@ -68,3 +68,30 @@ def test_staging_leftovers_of_a_killed_run_are_removed_and_swap_backups_kept(tin
     assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, out)) == 0
     assert not (out / ".checkpoint-3.tmp-abc123").exists() and not (out / ".metrics.jsonl.tmp").exists()
     assert (out / ".final.old-1234abcd").is_dir()
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tiny_models, toy_pairs, train_args, tmp_path):
+    """A file-size limit (ulimit -f, in the child only) makes the next checkpoint's weights unwritable: the run
+    exits 1 with a message naming the checkpoint and the full disk, and checkpoint-2 is unchanged."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    common = ["train.mode=full", "train.checkpointing_steps=2"]
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, out, *common, "train.max_steps=2")) == 0
+    good = snapshot(out / "checkpoint-2")
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    args = train_args("sd15", tiny_models["sd15"], toy_pairs, out, *common, "train.max_steps=4", "train.resume_from=latest")
+    child = subprocess.run([sys.executable, "-m", "diffalign.apps.cli", *args], capture_output=True, text=True,
+                           preexec_fn=limit_file_size, timeout=300)
+    assert child.returncode == 1, child.stderr[-2000:]
+    assert "disk is full" in child.stderr and str(out / "checkpoint-4") in child.stderr, child.stderr[-2000:]
+    assert "Traceback" not in child.stderr
+    assert snapshot(out / "checkpoint-2") == good
+    assert not (out / "checkpoint-4").exists() and not list(out.glob(".checkpoint-4*"))
