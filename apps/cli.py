@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train with a YAML recipe (also under `accelerate launch`)")
-    train.add_argument("config", help="YAML recipe, e.g. configs/sdxl/dpo.yaml")
+    train.add_argument("config", help="a shipped recipe (sdxl/dpo; `diffalign recipes` lists them) or a YAML file")
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=10")
     train.set_defaults(run=_train)
 
@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     from diffalign.apps.captions_cli import add_captions_parser
     from diffalign.apps.data_cli import add_data_parsers
     from diffalign.apps.eval_cli import add_eval_parsers
+    from diffalign.apps.recipes_cli import add_recipes_parsers
     from diffalign.apps.score_cli import add_score_parsers
 
     add_captions_parser(commands)
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parsers(commands)
     add_arena_parsers(commands)
     add_data_parsers(commands)
+    add_recipes_parsers(commands)
     return parser
 
 

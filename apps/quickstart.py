@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-DEFAULT_CONFIG = Path("configs/quickstart.yaml")
+DEFAULT_CONFIG = Path("quickstart")  # the shipped recipe (diffalign.recipes): works from any folder
 
 
 def default_cache_root() -> Path:

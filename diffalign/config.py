@@ -132,7 +132,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or a non-mapping is a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path} (and no shipped recipe has that name; `diffalign recipes` lists them)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
@@ -163,6 +163,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def read_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[dict[str, Any], str]:
     """A YAML recipe with ``key=value`` overrides applied, and how to name it in errors."""
+    if path is not None:
+        from diffalign import recipes  # the shipped recipes: `sdxl/dpo` works from any folder
+
+        path = recipes.resolve(path)
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     source = str(path) if path is not None else "command-line overrides"
