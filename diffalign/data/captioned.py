@@ -10,35 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 from diffalign.config import ConfigError
+from diffalign.data.check import SelectedRows
 from diffalign.data.report import SkipReport
-from diffalign.data.types import PreferenceGroup
 
 __all__ = ["CaptionedRows", "rows_with_captions"]
 
 
-class CaptionedRows:
-    """A view of a preference source restricted to some of its rows (same fingerprint: the
+class CaptionedRows(SelectedRows):
+    """The rows of a preference source that carry per-image captions (same fingerprint: the
     selection is a pure function of the source, and caches key it separately)."""
-
-    def __init__(self, source: Any, indices: list[int]) -> None:
-        self.source = source
-        self.indices = indices
-        self.name = source.name
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, index: int) -> PreferenceGroup:
-        return self.source.load(self.indices[index])
-
-    def row_id(self, index: int) -> str:
-        return self.source.row_id(self.indices[index])
 
     def has_captions(self, index: int) -> bool:
         return True
-
-    def fingerprint(self) -> str:
-        return self.source.fingerprint()
 
 
 def rows_with_captions(source: Any, report: SkipReport, method: str) -> Any:

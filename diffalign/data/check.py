@@ -106,4 +106,4 @@ class SelectedRows:
         return self.source.fingerprint()
 
     def __repr__(self) -> str:
-        return f"SelectedRows({self.source!r}, {len(self)} of {len(self.source)} rows)"
+        return f"{type(self).__name__}({self.source!r}, {len(self)} of {len(self.source)} rows)"

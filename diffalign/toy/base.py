@@ -129,22 +129,34 @@ def pretrain_unet(backbone: Backbone, winners: torch.Tensor, captions: list[str]
 
 def build_toy_base(folder: str | Path, recipe: ToyBaseRecipe, train_parquet: str | Path, log=print) -> Path:
     """Fit the VAE, pretrain the UNet and save the pipeline to ``folder`` atomically."""
+
+    def backbone(pipeline):
+        noise = DDPMProcess.from_scheduler_config(dict(pipeline.scheduler.config))
+        return StableDiffusionBackbone(pipeline.unet, noise, pipeline.tokenizer, pipeline.text_encoder, pipeline.vae)
+
+    return _build_base(folder, recipe, train_parquet, "sd15", backbone, "toy base", "UNet", {}, log)
+
+
+def _build_base(
+    folder: str | Path, recipe: ToyBaseRecipe, train_parquet: str | Path, family: str, make_backbone,
+    name: str, denoiser: str, record: dict, log,
+) -> Path:
+    """The one build of a toy base: tiny ``family`` pipeline, VAE fit, pretraining on winners, atomic save."""
     folder = Path(folder)
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    pipeline = build_pipeline("sd15", seed=recipe.seed, sample_size=recipe.world.image_size)
+    pipeline = build_pipeline(family, seed=recipe.seed, sample_size=recipe.world.image_size)
     winners, losers, captions = _winners_and_losers(Path(train_parquet))
     started = time.perf_counter()
-    log(f"toy base: fitting the VAE ({recipe.vae_steps} steps)")
+    log(f"{name}: fitting the VAE ({recipe.vae_steps} steps)")
     fit_vae(pipeline.vae, torch.cat([winners, losers]), recipe, generator, log)
-    noise = DDPMProcess.from_scheduler_config(dict(pipeline.scheduler.config))
-    backbone = StableDiffusionBackbone(pipeline.unet, noise, pipeline.tokenizer, pipeline.text_encoder, pipeline.vae)
-    log(f"toy base: pretraining the UNet on winners ({recipe.unet_steps} steps)")
+    backbone = make_backbone(pipeline)
+    log(f"{name}: pretraining the {denoiser} on winners ({recipe.unet_steps} steps)")
     pretrain_unet(backbone, winners, captions, recipe, generator, log)
     with staged_folder(folder) as staging:
         pipeline.save_pretrained(staging)
-        (staging / "toy_base.json").write_text(json.dumps({"fingerprint": recipe.fingerprint()}))
-    log(f"toy base: built in {time.perf_counter() - started:.0f} s -> {folder}")
+        (staging / "toy_base.json").write_text(json.dumps({"fingerprint": recipe.fingerprint(), **record}))
+    log(f"{name}: built in {time.perf_counter() - started:.0f} s -> {folder}")
     return folder
 
 
@@ -223,32 +235,20 @@ class FlowToyBaseRecipe(ToyBaseRecipe):
 
 def build_flow_toy_base(folder: str | Path, recipe: FlowToyBaseRecipe, train_parquet: str | Path, log=print) -> Path:
     """Fit the tiny SD3 VAE, pretrain its transformer with the flow objective, save atomically."""
-    folder = Path(folder)
-    torch.manual_seed(recipe.seed)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    pipeline = build_pipeline("sd3", seed=recipe.seed, sample_size=recipe.world.image_size)
-    winners, losers, captions = _winners_and_losers(Path(train_parquet))
-    started = time.perf_counter()
-    log(f"flow toy base: fitting the VAE ({recipe.vae_steps} steps)")
-    fit_vae(pipeline.vae, torch.cat([winners, losers]), recipe, generator, log)
-    noise = RectifiedFlowProcess.from_scheduler_config(dict(pipeline.scheduler.config))  # logit-normal t, as the SD3 recipes
-    backbone = StableDiffusion3Backbone(
-        pipeline.transformer,
-        noise,
-        [pipeline.tokenizer, pipeline.tokenizer_2],
-        [pipeline.text_encoder, pipeline.text_encoder_2],
-        vae=pipeline.vae,
-        max_sequence_length=recipe.max_sequence_length,
-    )
-    log(f"flow toy base: pretraining the transformer on winners ({recipe.unet_steps} steps)")
-    pretrain_unet(backbone, winners, captions, recipe, generator, log)
-    with staged_folder(folder) as staging:
-        pipeline.save_pretrained(staging)
-        (staging / "toy_base.json").write_text(
-            json.dumps({"fingerprint": recipe.fingerprint(), "max_sequence_length": recipe.max_sequence_length})
+
+    def backbone(pipeline):
+        noise = RectifiedFlowProcess.from_scheduler_config(dict(pipeline.scheduler.config))  # logit-normal t, as the SD3 recipes
+        return StableDiffusion3Backbone(
+            pipeline.transformer,
+            noise,
+            [pipeline.tokenizer, pipeline.tokenizer_2],
+            [pipeline.text_encoder, pipeline.text_encoder_2],
+            vae=pipeline.vae,
+            max_sequence_length=recipe.max_sequence_length,
         )
-    log(f"flow toy base: built in {time.perf_counter() - started:.0f} s -> {folder}")
-    return folder
+
+    record = {"max_sequence_length": recipe.max_sequence_length}
+    return _build_base(folder, recipe, train_parquet, "sd3", backbone, "flow toy base", "transformer", record, log)
 
 
 def ensure_flow_toy_base(cache_root: str | Path, recipe: FlowToyBaseRecipe = FlowToyBaseRecipe(), n_heldout: int = 300, log=print):
