@@ -5,11 +5,13 @@
 * :mod:`~diffalign.tiny.full_scale` -- SD 1.5 / SDXL / SD3-medium at their published sizes, random weights;
 * :mod:`~diffalign.tiny.clip_vocab` -- the real CLIP BPE vocabulary and tokenizer the full-scale pipelines use;
 * :mod:`~diffalign.tiny.t5` -- SD3's T5 encoder and its Unigram tokenizer (``save_pipeline("sd3", ..., t5=True)``);
-* :mod:`~diffalign.tiny.text_models` -- a T5 paraphraser and a BLIP captioner for the caption strategies.
+* :mod:`~diffalign.tiny.text_models` -- a T5 paraphraser and a BLIP captioner for the caption strategies;
+* :mod:`~diffalign.tiny.clip_scorer` -- a tiny CLIP reward model for the CLIP scorers (clipscore, pickscore).
 
 Callers import from here; the modules are split only by what they build.
 """
 
+from diffalign.tiny.clip_scorer import TINY_CLIP_IMAGE_SIZE, TINY_CLIP_TOWER, save_tiny_clip
 from diffalign.tiny.clip_vocab import CLIP_VOCAB_SIZE, ClipVocabularyError, build_clip_tokenizer, clip_bpe_path
 from diffalign.tiny.full_scale import (
     FULL_SCALE_FAMILIES,
@@ -63,6 +65,8 @@ __all__ = [
     "T5_HIDDEN_SIZE",
     "T5_VOCAB_SIZE",
     "TEXT_HIDDEN_SIZE",
+    "TINY_CLIP_IMAGE_SIZE",
+    "TINY_CLIP_TOWER",
     "TINY_TEXT_WORDS",
     "TOY_VOCAB_SIZE",
     "TOY_WORDS",
@@ -83,5 +87,6 @@ __all__ = [
     "save_full_scale_pipeline",
     "save_pipeline",
     "save_tiny_captioner",
+    "save_tiny_clip",
     "save_tiny_paraphraser",
 ]

@@ -24,11 +24,9 @@ from imagereward_checkpoint import save_imagereward  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random CLIPModel + local tokenizer + a 32-pixel CLIP image processor, saved together."""
-    from diffalign.tiny import save_clip
+    from diffalign.tiny import save_tiny_clip
 
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    vision = dict(tower, image_size=32, patch_size=8)
-    return save_clip(tmp_path_factory.mktemp("tiny_clip") / "clip", vision, tower, projection_dim=32, logit_scale=2.0)
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "clip", logit_scale=2.0)
 
 
 @pytest.fixture(scope="session")

@@ -56,10 +56,9 @@ def layout_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def tiny_reward_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random CLIP saved as a PickScore-style folder: online PSO's scorer reward without the hub."""
-    from diffalign.tiny import save_clip
+    from diffalign.tiny import save_tiny_clip
 
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    return save_clip(tmp_path_factory.mktemp("reward") / "clip", dict(tower, image_size=32, patch_size=8), tower, projection_dim=32)
+    return save_tiny_clip(tmp_path_factory.mktemp("reward") / "clip")
 
 
 def method_overrides(method: str, run: Path, reward_weights: Path) -> list[str]:
