@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make quickstart` and `make test`.
-# Both create .venv (CPU PyTorch 2.13 first, so pip does not pull a CUDA build) and install diffalign into it.
+# Both create .venv (PyTorch 2.14.1 with its matching torchvision 0.29.1 first, pinned as a pair: open_clip needs
+# torchvision, and an unpinned torch pulls the newest CUDA build) and install diffalign into it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/diffalign: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 

@@ -78,27 +78,6 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tiny(args: argparse.Namespace) -> int:
-    if args.scale == "full":
-        from diffalign.tiny import full_scale_parameter_counts, save_full_scale_pipeline
-
-        try:  # a family without a published full-scale architecture: the message names those with one
-            full_scale_parameter_counts(args.family)
-        except ValueError as error:
-            print(f"diffalign tiny: error: {error}", file=sys.stderr)
-            return 2
-        print(save_full_scale_pipeline(args.family, args.path, seed=args.seed, clip_bpe=args.clip_bpe))
-        return 0
-    from diffalign.tiny import save_pipeline
-
-    try:
-        print(save_pipeline(args.family, args.path, seed=args.seed, t5=args.t5))
-    except ValueError as error:  # e.g. --t5 on a family without T5
-        print(f"diffalign tiny: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion models with preferences.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,16 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("overrides", nargs="*", help="overrides for configs/quickstart.yaml")
     quickstart.set_defaults(run=_quickstart)
 
-    tiny = commands.add_parser("tiny", help="save a tiny randomly initialised pipeline (sd15, sd2, sdxl, sd3)")
-    tiny.add_argument("family", choices=["sd15", "sd2", "sdxl", "sd3"])
-    tiny.add_argument("path")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--t5", action="store_true", help="sd3: add a tiny T5 encoder (text_encoder_3), as real SD3 has")
-    tiny.add_argument("--scale", choices=["tiny", "full"], default="tiny",
-                      help="full: the published architecture (sd15, sdxl, sd3-medium) with random weights, fp32 (SDXL ~14 GB)")
-    tiny.add_argument("--clip-bpe", default=None, help="CLIP's bpe_simple_vocab_16e6.txt.gz for --scale full "
-                      "(default: $DIFFALIGN_CLIP_BPE, open_clip, the cache, else fetched with pip download)")
-    tiny.set_defaults(run=_tiny)
 
     from diffalign.apps.arena.cli import add_arena_parsers
     from diffalign.apps.captions_cli import add_captions_parser
@@ -140,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     from diffalign.apps.eval_cli import add_eval_parsers
     from diffalign.apps.recipes_cli import add_recipes_parsers
     from diffalign.apps.score_cli import add_score_parsers
+    from diffalign.apps.tiny_cli import add_tiny_parsers
 
+    add_tiny_parsers(commands)
     add_captions_parser(commands)
     add_score_parsers(commands)
     add_eval_parsers(commands)
