@@ -1,8 +1,9 @@
 """``diffalign arena``: a Gradio app for blind side-by-side comparison of models' images.
 
-Each pair is shown blind (no model names, images re-encoded without metadata) with a random side;
-a vote reveals the names and loads the next pair. The server issues every pair with a one-time
-token (:mod:`diffalign.apps.arena.store`).
+Each pair is shown blind (no model names, images re-encoded without metadata) with a random side,
+small images scaled up to the display size (:mod:`.display`); a vote reveals the names under the
+images until the next pair is shown (:mod:`.page`: a Next button, or a pause). The server issues
+every pair with a one-time token (:mod:`diffalign.apps.arena.store`).
 
 Who votes: a session is minted by the server and kept in a signed HttpOnly cookie
 (:mod:`.sessions`); the client's Gradio ``session_hash`` decides nothing. With a login
@@ -10,10 +11,10 @@ Who votes: a session is minted by the server and kept in a signed HttpOnly cooki
 cookies they use. Rate limits (:class:`.sessions.RateLimits`) cap votes per session and per
 address, and new sessions per address.
 
-Blinding: every time a pair is issued its images are written with a fresh random PNG text chunk,
-so Gradio's content-hash file names differ per session and per issue: a URL seen once (and the
-models a vote revealed for it) says nothing about any other showing. The chunk also pads the file
-to a size class, so the byte size does not name the image either.
+Blinding: every time a pair is issued its images are written with a fresh random PNG text chunk
+under a new random folder, so URLs differ per session and per issue: a URL seen once (and the
+models a vote revealed for it) says nothing about any other showing. The chunk also pads both
+files of the pair to one size class, so the byte size does not name the image or the side either.
 
 API (what the page itself calls; ``gradio_client`` can call it too, keeping the cookie):
 
@@ -22,7 +23,7 @@ API (what the page itself calls; ``gradio_client`` can call it too, keeping the 
 - ``/vote`` ``(choice, token)`` → ``{"accepted", "reason", "left_model", "right_model", "vote_id"}``;
   choice is one of ``left``, ``right``, ``tie``, ``both_bad``.
 - ``/leaderboard`` → ``(table, heatmap, summary)``; sessions that look automated
-  (:mod:`.suspicion`) are left out and counted.
+  (:mod:`.suspicion`) are left out and counted. The page also offers the table as a CSV download.
 
 Safety: binds 127.0.0.1 unless told otherwise; optional username/password; every request
 body is capped (:data:`MAX_BODY_BYTES`); uploads are refused (403); Gradio's files live in a
@@ -34,7 +35,6 @@ re-encoded copies, so no source path is served directly.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -46,35 +46,21 @@ from typing import Any
 
 import gradio as gr
 import PIL.Image
-from gradio.processing_utils import encode_pil_to_bytes
 
-from diffalign.apps.arena.rank import leaderboard, outcomes, write_heatmap
+from diffalign.apps.arena.display import blind_pair_files, display_png
+from diffalign.apps.arena.guards import BodyLimit, NoUploads
+from diffalign.apps.arena.page import SHORTCUTS, PageOptions, page_css, reveal_captions, reveal_summary
+from diffalign.apps.arena.rank import leaderboard, outcomes, write_heatmap, write_leaderboard_csv
 from diffalign.apps.arena.schedule import PairScheduler, Showing
 from diffalign.apps.arena.sources import ArenaItem
 from diffalign.apps.arena.sessions import COOKIE_NAME, RateLimits, SessionCookieMiddleware, SessionSigner, SlidingWindow, load_key
 from diffalign.apps.arena.store import MAX_SESSION_CHARS, MAX_TOKEN_CHARS, VoteResult, VoteStore
 from diffalign.apps.arena.suspicion import SuspicionRules, flag_sessions
+from diffalign.atomic import staged_file
 
-__all__ = ["Arena", "RateLimited", "build_blocks", "serve", "MAX_BODY_BYTES"]
+__all__ = ["Arena", "PageOptions", "RateLimited", "build_blocks", "serve", "MAX_BODY_BYTES"]
 
-IMAGE_HEIGHT = 384  # display size; small images are scaled up so that people can judge them
 MAX_BODY_BYTES = 64 * 1024  # the largest request the app accepts: votes and page loads are tiny
-_CHOICE_LABELS = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both bad"}
-_SHORTCUTS = """
-<script>
-// Keyboard voting: 1 / ArrowLeft, 2 / ArrowRight, 3 / t (tie), 4 / b (both bad).
-document.addEventListener("keydown", (event) => {
-  const t = event.target;
-  if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable)) return;
-  if (event.ctrlKey || event.metaKey || event.altKey) return;
-  const ids = {"1": "vote-left", "ArrowLeft": "vote-left", "2": "vote-right", "ArrowRight": "vote-right",
-               "3": "vote-tie", "t": "vote-tie", "4": "vote-both-bad", "b": "vote-both-bad"};
-  const id = ids[event.key];
-  const button = id && document.getElementById(id);
-  if (button && !button.disabled) { event.preventDefault(); button.click(); }
-});
-</script>
-"""
 
 
 @dataclass(frozen=True)
@@ -96,11 +82,14 @@ class Arena:
 
     def __init__(self, store: VoteStore, scheduler: PairScheduler, items: dict[str, ArenaItem], heatmap_path: Path,
                  bootstrap_rounds: int = 200, limits: RateLimits = RateLimits(),
-                 suspicion: SuspicionRules = SuspicionRules()) -> None:
+                 suspicion: SuspicionRules = SuspicionRules(), leaderboard_csv: Path | None = None) -> None:
         self.store = store
         self.scheduler = scheduler
         self.items = items
         self.heatmap_path = heatmap_path
+        # Beside the heatmap: votes.heatmap.png -> votes.leaderboard.csv
+        self.leaderboard_csv = leaderboard_csv or heatmap_path.with_name(
+            heatmap_path.name.removesuffix(".png").removesuffix(".heatmap") + ".leaderboard.csv")
         self.bootstrap_rounds = bootstrap_rounds
         self.limits = limits
         self.suspicion = suspicion
@@ -153,7 +142,9 @@ class Arena:
         return self.store.vote(session_id, token, choice)
 
     def leaderboard(self) -> tuple[list[list[Any]], PIL.Image.Image | None, str]:
-        """``(rows, heatmap, summary)``: the table of models, the win-rate heatmap (also written to disk).
+        """``(rows, heatmap, summary)``: the table of models (also written as CSV), the win-rate heatmap.
+
+        The heatmap (:attr:`heatmap_path`) and the CSV (:attr:`leaderboard_csv`) are written to disk, in rank order.
 
         Votes of sessions :func:`.suspicion.flag_sessions` flags are left out; the summary counts them.
         """
@@ -176,41 +167,14 @@ class Arena:
              r.wins, r.ties, r.losses]
             for rank, r in enumerate(rows, start=1)
         ]
-        write_heatmap(data, self.heatmap_path)
+        write_heatmap(data, self.heatmap_path, order=[r.model for r in rows])
+        write_leaderboard_csv(rows, self.leaderboard_csv)
         with PIL.Image.open(self.heatmap_path) as image:
             heatmap = image.copy()
-        return table, heatmap, summary + f" · heatmap: `{self.heatmap_path}`"
+        return table, heatmap, summary + f" · heatmap: `{self.heatmap_path}` · table: `{self.leaderboard_csv}`"
 
 
 LEADERBOARD_HEADERS = ["rank", "model", "Bradley-Terry (Elo scale)", "95% CI", "win rate", "votes", "wins", "ties", "losses"]
-
-
-def _blind_image(item: ArenaItem) -> PIL.Image.Image:
-    """The item's pixels only, plus a random nonce that also pads the PNG to a size class.
-
-    Metadata (which may name the model) does not travel. The nonce becomes a PNG text chunk when
-    Gradio encodes the image, so its content-hash file name is new at every showing: without it
-    the same image had the same URL in every session, and one revealing vote named its model for
-    all. Its length pads the file to :func:`_padded_size`, so the byte size names no image either.
-    """
-    with PIL.Image.open(item.path) as image:
-        image.load()
-        clean = image.convert("RGBA" if image.mode in ("RGBA", "LA", "PA") else "RGB")
-    clean.info = {}
-    bare = len(encode_pil_to_bytes(clean, "png"))  # what Gradio's encoder writes, less the chunk below
-    overhead = 12 + len(_NONCE_KEY) + 1  # a tEXt chunk: length, type, CRC, keyword, NUL separator
-    text = _padded_size(bare + overhead + 32) - bare - overhead
-    clean.info = {_NONCE_KEY: secrets.token_hex((text + 1) // 2)[:text]}
-    return clean
-
-
-_NONCE_KEY = "nonce"
-
-
-def _padded_size(size: int) -> int:
-    """``size`` rounded up to a size class: a multiple of 4 KiB, or of 1/16 of the power of two above it."""
-    quantum = max(4096, (1 << (size - 1).bit_length()) // 16)
-    return -(-size // quantum) * quantum
 
 
 def _user_session(username: str) -> str:
@@ -221,8 +185,14 @@ def _user_session(username: str) -> str:
     return "user:" + hashlib.sha256(username.encode()).hexdigest()[:48]  # still unique, within the store's bound
 
 
-def build_blocks(arena: Arena, signer: SessionSigner):
-    """The Gradio Blocks app: a Vote tab and a Leaderboard tab; sessions come from ``signer``'s cookies."""
+def build_blocks(arena: Arena, signer: SessionSigner, options: PageOptions = PageOptions(),
+                 image_folder: str | Path | None = None):
+    """The Gradio Blocks app: a Vote tab and a Leaderboard tab; sessions come from ``signer``'s cookies.
+
+    ``image_folder``: where each showing's blind images are written (Gradio's private temp folder
+    when served, so Gradio serves them without copying).
+    """
+    folder = Path(image_folder or os.environ.get("GRADIO_TEMP_DIR") or tempfile.mkdtemp(prefix="diffalign-arena-"))
 
     def session_of(request: gr.Request | None) -> str:
         username = getattr(request, "username", None) if request is not None else None
@@ -238,6 +208,9 @@ def build_blocks(arena: Arena, signer: SessionSigner):
         client = getattr(request, "client", None) if request is not None else None
         return getattr(client, "host", None)
 
+    def shown_png(item: ArenaItem) -> bytes:
+        return display_png(item.path, options.display_size, options.upscale, item.path.stat().st_mtime_ns)
+
     def next_pair(request: gr.Request):
         try:
             issued = arena.issue(session_of(request), address_of(request))
@@ -247,8 +220,8 @@ def build_blocks(arena: Arena, signer: SessionSigner):
             return "### You have compared every pair. Thank you!", None, None, "", "All pairs done."
         showing = issued.showing
         progress = f"Votes this session: **{issued.votes_so_far}** · pairs left for you: {issued.pairs_left}"
-        return (f"### {showing.pair.prompt}", _blind_image(showing.left), _blind_image(showing.right),
-                issued.token, progress)
+        left_file, right_file = blind_pair_files(shown_png(showing.left), shown_png(showing.right), folder)
+        return f"### {showing.pair.prompt}", left_file, right_file, issued.token, progress
 
     def vote(choice: str, token: str, request: gr.Request) -> dict:
         """Vote on the pair a token was issued for: choice is left, right, tie or both_bad."""
@@ -256,29 +229,26 @@ def build_blocks(arena: Arena, signer: SessionSigner):
         return {"accepted": result.accepted, "reason": result.reason, "vote_id": result.vote_id,
                 "left_model": result.left_model, "right_model": result.right_model}
 
-    def reveal(result: dict, choice: str) -> str:
-        if not result["accepted"]:
-            return f"**Vote not counted:** {result['reason']}"
-        return (f"Previous pair: you chose **{_CHOICE_LABELS[choice]}**. Left was **{result['left_model']}**, "
-                f"right was **{result['right_model']}**.")
-
     with gr.Blocks(title="diffalign arena") as demo:
         gr.Markdown("# diffalign arena\nWhich image fits the prompt better? Models are hidden until you vote. "
-                    "Keys: **1** / ← left, **2** / → right, **3** / t tie, **4** / b both bad.")
+                    "Keys: **1** / ← left, **2** / → right, **3** / t tie, **4** / b both bad"
+                    + (", **Space** / n next." if options.reveal == "next" else "."))
         with gr.Tab("Vote"):
             prompt = gr.Markdown(elem_id="arena-prompt")
+            sides = {}
+            with gr.Row(equal_height=True):
+                for side, key, label in (("left", 1, "⬅ Left is better [1]"), ("right", 2, "Right is better [2] ➡")):
+                    with gr.Column(min_width=300):  # stacks on a phone: each button stays under its image
+                        image = gr.Image(label=side.title(), type="pil", format="png", interactive=False,
+                                         height=options.display_size, buttons=["fullscreen"], elem_id=f"arena-{side}")
+                        caption = gr.Markdown(elem_id=f"arena-{side}-caption", elem_classes=["arena-caption"])
+                        button = gr.Button(label, elem_id=f"vote-{side}", variant="primary")
+                    sides[side] = (image, caption, button)
             with gr.Row():
-                left = gr.Image(label="Left", type="pil", format="png", interactive=False, height=IMAGE_HEIGHT,
-                                buttons=["fullscreen"], elem_id="arena-left")
-                right = gr.Image(label="Right", type="pil", format="png", interactive=False, height=IMAGE_HEIGHT,
-                                 buttons=["fullscreen"], elem_id="arena-right")
-            with gr.Row():
-                buttons = {
-                    "left": gr.Button("⬅ Left is better [1]", elem_id="vote-left", variant="primary"),
-                    "tie": gr.Button("Tie [3]", elem_id="vote-tie"),
-                    "both_bad": gr.Button("Both bad [4]", elem_id="vote-both-bad"),
-                    "right": gr.Button("Right is better [2] ➡", elem_id="vote-right", variant="primary"),
-                }
+                tie = gr.Button("Tie [3]", elem_id="vote-tie", min_width=120)
+                both_bad = gr.Button("Both bad [4]", elem_id="vote-both-bad", min_width=120)
+                next_button = gr.Button("Next pair [Space]", elem_id="next-pair", variant="secondary", visible=False,
+                                        min_width=120)
             revealed = gr.Markdown(elem_id="arena-reveal")
             progress = gr.Markdown(elem_id="arena-progress")
             token = gr.Textbox(visible=False, max_length=MAX_TOKEN_CHARS, elem_id="arena-token")
@@ -286,87 +256,54 @@ def build_blocks(arena: Arena, signer: SessionSigner):
             refresh = gr.Button("Refresh", elem_id="leaderboard-refresh")
             summary = gr.Markdown(elem_id="leaderboard-summary")
             table = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False, elem_id="leaderboard-table")
-            heatmap = gr.Image(label="pairwise win rate", type="pil", format="png", interactive=False)
+            download = gr.DownloadButton("Download CSV", elem_id="leaderboard-csv", visible=False)
+            heatmap = gr.Image(label="pairwise win rate, best first", type="pil", format="png", interactive=False)
 
-        shown = [prompt, left, right, token, progress]
+        buttons = {"left": sides["left"][2], "right": sides["right"][2], "tie": tie, "both_bad": both_bad}
+        shown = [prompt, sides["left"][0], sides["right"][0], token, progress]
+        reveal_outputs = [sides["left"][1], sides["right"][1], revealed, *buttons.values(), next_button]
         demo.load(next_pair, None, shown, api_name="next_pair", queue=False)
+
+        def show_next(request: gr.Request) -> tuple:
+            """The next pair with the previous reveal cleared in the same update: no name meets a new image."""
+            hidden = ("", "", "", *(gr.update(interactive=True) for _ in buttons), gr.update(visible=False))
+            return (*next_pair(request), *hidden)
+
         def vote_from_page(choice: str):
-            def handler(token_value: str, request: gr.Request) -> str:
-                return reveal(vote(choice, token_value, request), choice)
+            def handler(token_value: str, request: gr.Request) -> tuple:
+                result = vote(choice, token_value, request)
+                captions = (reveal_captions(choice, result["left_model"], result["right_model"])
+                            if result["accepted"] else ("", ""))
+                locked = (gr.update(interactive=False) for _ in buttons)  # a second vote on this pair is refused anyway
+                return (*captions, reveal_summary(result, choice, options), *locked,
+                        gr.update(visible=options.reveal == "next"))
 
             return handler
 
         for choice, button in buttons.items():
-            button.click(vote_from_page(choice), [token], [revealed], api_visibility="private").then(
-                next_pair, None, shown, api_visibility="private"
-            )
+            revealing = button.click(vote_from_page(choice), [token], reveal_outputs, api_visibility="private")
+            if options.reveal == "pause":
+                pause_ms = round(options.reveal_seconds * 1000)
+                revealing = revealing.then(None, None, None, js=f"() => new Promise(r => setTimeout(r, {pause_ms}))")
+                revealing.then(show_next, None, shown + reveal_outputs, api_visibility="private")
+        next_button.click(show_next, None, shown + reveal_outputs, api_visibility="private")
         gr.api(vote, api_name="vote", queue=False)
-        refresh.click(arena.leaderboard, None, [table, heatmap, summary], api_name="leaderboard")
+
+        def leaderboard_file() -> dict:
+            """A copy of the leaderboard CSV in the served folder (new name per refresh), or no button without votes."""
+            if not arena.leaderboard_csv.is_file():
+                return gr.update(visible=False)
+            target = folder / secrets.token_hex(16) / arena.leaderboard_csv.name
+            with staged_file(target) as staging:
+                shutil.copyfile(arena.leaderboard_csv, staging)
+            return gr.update(value=str(target), visible=True)
+
+        refresh.click(arena.leaderboard, None, [table, heatmap, summary], api_name="leaderboard").then(
+            leaderboard_file, None, [download], api_visibility="private")
     return demo
 
-
-class _BodyLimit:
-    """ASGI middleware: refuse any request whose body exceeds ``limit`` bytes (413), declared or streamed."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _reject_too_large(send, self.limit)
-            return
-        received = 0
-
-        async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await _reject_too_large(send, self.limit)
-
-
-class _NoUploads:
-    """ASGI middleware: refuse Gradio's upload routes (403); nothing in the arena takes a file from a client."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path", "").rstrip("/").rsplit("/", 1)[-1] in ("upload",
-                                                                                                  "upload_progress"):
-            body = json.dumps({"error": "uploads are disabled in the arena"}).encode()
-            await send({"type": "http.response.start", "status": 403,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await self.app(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _reject_too_large(send: Any, limit: int) -> None:
-    body = json.dumps({"error": f"request body larger than {limit} bytes"}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
 def serve(arena: Arena, host: str = "127.0.0.1", port: int = 7860, auth: list[tuple[str, str]] | None = None,
-          concurrency: int = 16) -> None:
+          concurrency: int = 16, options: PageOptions = PageOptions()) -> None:
     """Run the app with uvicorn until interrupted (Ctrl-C); every acknowledged vote is already committed.
 
     Gradio's files go to a private temporary folder (mode 0700, removed on exit): Gradio serves any
@@ -380,14 +317,14 @@ def serve(arena: Arena, host: str = "127.0.0.1", port: int = 7860, auth: list[tu
     os.environ["GRADIO_TEMP_DIR"] = private  # read when the Blocks and the app are built, below
     signer = SessionSigner(load_key(arena.store.path.with_name(arena.store.path.name + ".session-key")))
     try:
-        demo = build_blocks(arena, signer)
+        demo = build_blocks(arena, signer, options, private)
         demo.queue(default_concurrency_limit=concurrency, max_size=1024)
         app = fastapi.FastAPI()
         app = gr.mount_gradio_app(app, demo, path="", server_name=host, server_port=port, auth=auth or None,
-                                  head=_SHORTCUTS, show_error=True, max_file_size=MAX_BODY_BYTES, ssr_mode=False)
+                                  head=SHORTCUTS, css=page_css(options), show_error=True, max_file_size=MAX_BODY_BYTES, ssr_mode=False)
         app.add_middleware(SessionCookieMiddleware, signer=signer)
-        app.add_middleware(_NoUploads)
-        app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+        app.add_middleware(NoUploads)
+        app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
         print(f"diffalign arena: http://{host}:{port}  ({arena.scheduler.pair_count} pairs, votes in "
               f"{arena.store.path})", flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -8,10 +8,15 @@ model that never lost gets a finite score instead of a diverging one; scipy's L-
 optimisation. Scores are reported on the Elo scale, 1000 + 400·θ/ln 10, centred at mean 0.
 
 Intervals: the votes are resampled with replacement and refitted (percentile bootstrap, 95 %).
+
+Both views a person reads are in rank order: the heatmap's rows and columns follow the
+Bradley-Terry scores (best first, so the matrix reads top-left to bottom-right like the table),
+and :func:`write_leaderboard_csv` writes the table as CSV for a spreadsheet.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,7 +27,8 @@ import numpy as np
 from diffalign.apps.arena.store import LEFT_SCORE
 from diffalign.atomic import staged_file
 
-__all__ = ["Outcomes", "LeaderboardRow", "bootstrap_intervals", "fit_bradley_terry", "leaderboard", "outcomes", "write_heatmap"]
+__all__ = ["Outcomes", "LeaderboardRow", "LEADERBOARD_CSV_COLUMNS", "bootstrap_intervals", "fit_bradley_terry",
+           "leaderboard", "outcomes", "rank_order", "reordered", "write_heatmap", "write_leaderboard_csv"]
 
 ELO_SCALE = 400.0 / math.log(10.0)
 ELO_BASE = 1000.0
@@ -137,13 +143,31 @@ def leaderboard(data: Outcomes, rounds: int = 200, seed: int = 0, prior: float =
     return sorted(rows, key=lambda row: -row.score)
 
 
-def write_heatmap(data: Outcomes, path: str | Path) -> Path:
-    """A PNG of the pairwise win-rate matrix (row model's share of points against the column model)."""
+def rank_order(data: Outcomes, prior: float = 0.01) -> list[str]:
+    """The models best first by Bradley-Terry score (ties in score keep the models' order)."""
+    theta = fit_bradley_terry(data, prior)
+    return [data.models[k] for k in sorted(range(len(data.models)), key=lambda k: -theta[k])]
+
+
+def reordered(data: Outcomes, order: Sequence[str]) -> Outcomes:
+    """The same votes indexed over ``order`` (a permutation of ``data.models``)."""
+    if sorted(order) != sorted(data.models):
+        raise ValueError(f"order {list(order)} is not a permutation of the models {data.models}")
+    position = np.array([list(order).index(model) for model in data.models], dtype=np.int64)
+    return Outcomes(list(order), position[data.left], position[data.right], data.score)
+
+
+def write_heatmap(data: Outcomes, path: str | Path, order: Sequence[str] | None = None) -> Path:
+    """A PNG of the pairwise win-rate matrix (row model's share of points against the column model).
+
+    Rows and columns follow ``order`` (default :func:`rank_order`: best first).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    data = reordered(data, order if order is not None else rank_order(data))
     rate, games = pairwise_win_rates(data)
     m = len(data.models)
     size = max(3.0, 0.9 * m + 2.0)
@@ -155,11 +179,31 @@ def write_heatmap(data: Outcomes, path: str | Path) -> Path:
         for j in range(m):
             if games[i, j] > 0:
                 axes.text(j, i, f"{rate[i, j]:.2f}\n({int(games[i, j])})", ha="center", va="center", fontsize=8)
-    axes.set_title("win rate of row model vs column model (votes)")
+    axes.set_title("win rate of row model vs column model (votes), best first")
     figure.colorbar(image, ax=axes, fraction=0.046)
     figure.tight_layout()
     path = Path(path)
     with staged_file(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100)
     plt.close(figure)
+    return path
+
+
+LEADERBOARD_CSV_COLUMNS = ["rank", "model", "score", "interval_low", "interval_high", "votes", "wins", "ties", "losses",
+                           "win_rate"]
+
+
+def write_leaderboard_csv(rows: Sequence[LeaderboardRow], path: str | Path) -> Path:
+    """The leaderboard as CSV (:data:`LEADERBOARD_CSV_COLUMNS`; ranks follow ``rows``' order), written atomically.
+
+    Scores and the 95 % interval are on the Elo scale, rounded to 0.1; the win rate to 4 decimals.
+    """
+    path = Path(path)
+    with staged_file(path) as temporary:
+        with temporary.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(LEADERBOARD_CSV_COLUMNS)
+            for rank, row in enumerate(rows, start=1):
+                writer.writerow([rank, row.model, f"{row.score:.1f}", f"{row.low:.1f}", f"{row.high:.1f}", row.votes,
+                                 row.wins, row.ties, row.losses, f"{row.win_rate:.4f}"])
     return path

@@ -12,17 +12,19 @@ import pytest
 from PIL import Image
 
 from diffalign.apps.arena.client import ArenaCallError, ArenaClient
+from diffalign.apps.arena.display import display_image
 from diffalign.apps.arena.store import VoteStore
 
 
 def _source_pixels(sources: dict[str, Path], prompt: str) -> list[np.ndarray]:
-    """Every source image of ``prompt`` (any model, any seed)."""
+    """Every source image of ``prompt`` (any model, any seed), as displayed: 32 px scaled to 512 px by nearest."""
     found = []
     for manifest in sources.values():
         for line in manifest.read_text().splitlines():
             row = json.loads(line)
             if row["prompt"] == prompt:
-                found.append(np.asarray(Image.open(manifest.parent / row["image"]).convert("RGB")))
+                source = Image.open(manifest.parent / row["image"]).convert("RGB")
+                found.append(np.asarray(display_image(source, 512, "nearest")))
     return found
 
 
@@ -39,6 +41,7 @@ def test_gradio_client_votes_and_every_bad_vote_is_rejected(toy_arena_sources, s
     for served in (left, right):
         assert Path(served).name == "image.png" and not any(m in served for m in toy_arena_sources)
         pixels = np.asarray(Image.open(served).convert("RGB"))
+        assert pixels.shape == (512, 512, 3), "toy images (32 px) are scaled up to the display size"
         assert any(np.array_equal(pixels, source) for source in _source_pixels(toy_arena_sources, prompt))
 
     accepted = client.predict("left", token, api_name="/vote")

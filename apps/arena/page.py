@@ -1,0 +1,92 @@
+"""What the arena page says and how it behaves in the browser: options, reveal captions, keys, layout CSS.
+
+Why separate from :mod:`.app`: the wording and the browser-side script are read and changed for
+reasons of their own (what a voter sees), apart from the server's logic (who may vote, what is stored).
+
+Reveal: after a vote each image gets a caption naming its model, the chosen side marked; the
+captions stay until the next pair is shown, either when the voter asks (``next``: a Next button,
+also Space or N) or after ``reveal_seconds`` (``pause``). Before a vote the captions are empty:
+model names are never in the page before its vote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffalign.apps.arena.display import DEFAULT_DISPLAY_SIZE, UPSCALE_FILTERS
+
+__all__ = ["CHOICE_LABELS", "PageOptions", "REVEAL_MODES", "SHORTCUTS", "page_css", "reveal_captions", "reveal_summary"]
+
+REVEAL_MODES = ("next", "pause")
+MAX_REVEAL_SECONDS = 60.0
+CHOICE_LABELS = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both bad"}
+
+
+@dataclass(frozen=True)
+class PageOptions:
+    """How pairs are shown: display size and upscale filter (:mod:`.display`), and how a vote is revealed."""
+
+    display_size: int = DEFAULT_DISPLAY_SIZE  # CSS px of each image box, and the size small images are scaled to
+    upscale: str = "nearest"  # nearest | bicubic | none
+    reveal: str = "next"  # next: a Next button (Space / N); pause: the next pair after reveal_seconds
+    reveal_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.upscale not in UPSCALE_FILTERS:
+            raise ValueError(f"--upscale {self.upscale!r}: expected one of {', '.join(UPSCALE_FILTERS)}")
+        if not 64 <= self.display_size <= 4096:
+            raise ValueError(f"--display-size {self.display_size}: expected 64 to 4096 pixels")
+        if self.reveal not in REVEAL_MODES:
+            raise ValueError(f"--reveal {self.reveal!r}: expected one of {', '.join(REVEAL_MODES)}")
+        if not 0.0 < self.reveal_seconds <= MAX_REVEAL_SECONDS:
+            raise ValueError(f"--reveal-seconds {self.reveal_seconds}: expected more than 0 and at most "
+                             f"{MAX_REVEAL_SECONDS:g}")
+
+
+def reveal_captions(choice: str, left_model: str, right_model: str) -> tuple[str, str]:
+    """The Markdown under the left and the right image once the vote on them is counted."""
+    marks = {"left": ("✅ your pick", ""), "right": ("", "✅ your pick"), "tie": ("🟰 tie", "🟰 tie"),
+             "both_bad": ("❌ both bad", "❌ both bad")}[choice]
+    return tuple(f"### {side}: `{model}` {mark}".rstrip()
+                 for side, model, mark in (("Left", left_model, marks[0]), ("Right", right_model, marks[1])))
+
+
+def reveal_summary(result: dict, choice: str, options: PageOptions) -> str:
+    """The line under the buttons after a vote: what was chosen and counted, and how to go on."""
+    if options.reveal == "pause":
+        then = f"The next pair comes in {options.reveal_seconds:g} s."
+    else:
+        then = "Press **Next** (Space / N) for the next pair."
+    if not result["accepted"]:
+        return f"**Vote not counted:** {result['reason']}. {then}"
+    return (f"You chose **{CHOICE_LABELS[choice]}**. Left was **{result['left_model']}**, right was "
+            f"**{result['right_model']}**. {then}")
+
+
+# Keyboard: 1 / ArrowLeft, 2 / ArrowRight, 3 / t (tie), 4 / b (both bad); Space / n for Next.
+# A disabled (already voted) or hidden button is never clicked; a focused button keeps Space and Enter.
+SHORTCUTS = """
+<script>
+document.addEventListener("keydown", (event) => {
+  const t = event.target;
+  if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable)) return;
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  if (t && t.tagName === "BUTTON" && (event.key === " " || event.key === "Enter")) return;
+  const ids = {"1": "vote-left", "ArrowLeft": "vote-left", "2": "vote-right", "ArrowRight": "vote-right",
+               "3": "vote-tie", "t": "vote-tie", "4": "vote-both-bad", "b": "vote-both-bad",
+               " ": "next-pair", "n": "next-pair", "N": "next-pair"};
+  const id = ids[event.key];
+  const button = id && document.getElementById(id);
+  if (button && !button.disabled && button.offsetParent !== null) { event.preventDefault(); button.click(); }
+});
+</script>
+"""
+
+
+
+def page_css(options: PageOptions) -> str:
+    """Nearest-scaled pixel art stays crisp if the browser scales it again; a caption keeps its line when empty."""
+    css = ".arena-caption { min-height: 2.4em; }\n"
+    if options.upscale == "nearest":
+        css += "#arena-left img, #arena-right img { image-rendering: pixelated; }\n"
+    return css
