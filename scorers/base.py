@@ -88,18 +88,32 @@ def load_scorer(
     ``weights``: hub id or local folder (None: the reference default for that
     scorer). Unknown names raise ``KeyError`` listing the registered ones.
     """
+    # "family:variant" (openclip:ViT-H-14) is the scorer "family" with option variant="variant".
+    family, colon, variant = name.partition(":")
+    if colon and family in _REGISTRY and variant:
+        name, options = family, {**options, "variant": variant}
     try:
         loader = _REGISTRY[name]
     except KeyError:
         raise KeyError(
             f"unknown scorer {name!r}; available scorers: {', '.join(available_scorers())}"
         ) from None
-    return loader(
-        weights=weights,
-        device=torch.device(device),
-        dtype=parse_dtype(dtype),
-        **options,
+    from diffalign.hub_access import hub_errors_as, looks_like_hub_id
+
+    if weights is not None and not Path(weights).expanduser().exists() and not looks_like_hub_id(str(weights)):
+        raise FileNotFoundError(f"scorer {name!r}: weights {weights}: no such local file or folder (nor a hub id owner/name)")
+    which = f"weights {weights}" if weights is not None else "its default weights"
+    fix = (
+        f"Pass local weights: `--scorer {name}=PATH` on the command line, or load_scorer({name!r}, weights=PATH) "
+        "(a folder or file copied from a machine with hub access)."
     )
+    with hub_errors_as(f"scorer {name!r} ({which})", fix):
+        return loader(
+            weights=weights,
+            device=torch.device(device),
+            dtype=parse_dtype(dtype),
+            **options,
+        )
 
 
 def check_inputs(images: Sequence[object], prompts: Sequence[str]) -> None:
@@ -143,7 +157,6 @@ def load_checkpoint(path: str | Path, scorer: str, allow_pickle: bool = False) -
 
 def resolve_file(weights: str | Path, filename: str) -> Path:
     """A reference weight file from a local file, a local folder holding ``filename``, or a hub id (downloaded)."""
-    import re
 
     path = Path(weights).expanduser()
     if path.is_file():
@@ -152,8 +165,10 @@ def resolve_file(weights: str | Path, filename: str) -> Path:
         if not (path / filename).is_file():
             raise FileNotFoundError(f"{path / filename} not found: the folder must contain {filename}")
         return path / filename
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(weights)) or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
-        raise FileNotFoundError(f"{weights} is neither an existing file or folder nor a hub id (owner/name)")
+    from diffalign.hub_access import looks_like_hub_id
+
+    if not looks_like_hub_id(str(weights)):
+        raise FileNotFoundError(f"{weights}: no such local file or folder (and it is not a hub id owner/name)")
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(repo_id=str(weights), filename=filename))

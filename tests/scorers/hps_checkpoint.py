@@ -2,15 +2,19 @@
 
 Built by hand with open_clip's key names and shapes (the ViT-H-14 form with tiny widths), saved
 as ``{"state_dict": ...}`` under the reference file names: the scorer's own code is not used to make it.
+The architecture is registered with open_clip under :data:`TINY_ARCH` (``open_clip.add_model_config``
+on a JSON file, open_clip's own form), so the scorers build it exactly as they build ``ViT-H-14``.
+The text tower keeps CLIP's full 49,408-token vocabulary: HPS tokenizes with open_clip's bundled BPE.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from diffalign.tiny import TOY_VOCAB_SIZE, build_tokenizer
+from diffalign.tiny.clip_vocab import CLIP_VOCAB_SIZE
 
 SIZE, PATCH, WIDTH, LAYERS, EMBED, CONTEXT = 32, 8, 32, 2, 16, 77
 VISION_HEADS, TEXT_HEADS = 4, 4
@@ -18,8 +22,21 @@ VISION_HEADS, TEXT_HEADS = 4, 4
 TINY_CONFIG = {
     "embed_dim": EMBED,
     "vision_cfg": {"image_size": SIZE, "layers": LAYERS, "width": WIDTH, "head_width": WIDTH // VISION_HEADS, "patch_size": PATCH},
-    "text_cfg": {"context_length": CONTEXT, "vocab_size": TOY_VOCAB_SIZE, "width": WIDTH, "heads": TEXT_HEADS, "layers": LAYERS},
+    "text_cfg": {"context_length": CONTEXT, "vocab_size": CLIP_VOCAB_SIZE, "width": WIDTH, "heads": TEXT_HEADS, "layers": LAYERS},
 }  # fmt: skip
+OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"
+TINY_ARCH = "diffalign-tiny-vit"  # the name open_clip knows TINY_CONFIG by, once registered
+
+
+def register_tiny_arch(folder: Path) -> str:
+    """Write TINY_CONFIG as ``TINY_ARCH.json`` and register it with open_clip (idempotent)."""
+    import open_clip
+
+    path = folder / f"{TINY_ARCH}.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    if TINY_ARCH not in open_clip.list_models():
+        open_clip.add_model_config(path)
+    return TINY_ARCH
 
 
 def open_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
@@ -58,19 +75,25 @@ def open_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
         "visual.proj": rand(WIDTH, EMBED),
         "visual.conv1.weight": rand(WIDTH, 3, PATCH, PATCH, scale=(3 * PATCH * PATCH) ** -0.5),
         **norm("visual.ln_pre"), **blocks("visual."), **norm("visual.ln_post"),
-        "token_embedding.weight": rand(TOY_VOCAB_SIZE, WIDTH, scale=0.5),
+        "token_embedding.weight": rand(CLIP_VOCAB_SIZE, WIDTH, scale=0.5),
         **blocks(""), **norm("ln_final"),
     }  # fmt: skip
 
 
 def save_hps_folder(folder: Path) -> Path:
-    """Both reference checkpoints (different weights) and a local CLIP-form tokenizer in one folder."""
+    """Both reference checkpoints (different weights), a bare open_clip state dict, the tiny architecture registered."""
     torch.save({"state_dict": open_clip_state_dict(seed=0)}, folder / "HPS_v2.1_compressed.pt")
     torch.save({"state_dict": open_clip_state_dict(seed=1)}, folder / "HPS_v2_compressed.pt")
-    build_tokenizer().save_pretrained(folder / "tokenizer")
+    torch.save(open_clip_state_dict(seed=2), folder / OPEN_CLIP_WEIGHTS)  # open_clip's release form: a bare state dict
+    register_tiny_arch(folder)
     return folder
 
 
 def hps_options(folder: Path) -> dict[str, object]:
-    """``load_scorer`` options that point an HPS scorer at the tiny config and the folder's tokenizer."""
-    return {"tokenizer": str(folder / "tokenizer"), "model_config": TINY_CONFIG}
+    """``load_scorer`` options that point an HPS scorer at the tiny architecture (registered by save_hps_folder)."""
+    return {"arch": TINY_ARCH}
+
+
+def open_clip_options(folder: Path) -> tuple[Path, dict[str, object]]:
+    """Weights and options of ``openclip:TINY_ARCH`` on the folder's bare state dict (seed 2)."""
+    return folder / OPEN_CLIP_WEIGHTS, {"variant": TINY_ARCH}

@@ -4,9 +4,10 @@ The checkpoint is built by hand with open_clip's key names and shapes (the ViT-H
 form with tiny widths, hps_checkpoint.py), saved as ``{"state_dict": ...}`` under the
 reference file names (the ``hps_folder`` fixture), and loaded through ``load_scorer``. Scores are compared with an independent
 step-by-step computation written from open_clip's math (``CLIP.encode_image`` /
-``encode_text``): ResizeMaxSize preprocessing in torch, patchify, class token,
+``encode_text``): the fork's ResizeMaxSize preprocessing in plain torch, patchify, class token,
 pre-LN blocks with ``in_proj`` attention, EOT pooling by argmax, projections,
-normalise, cosine. Nothing downloads.
+normalise, cosine; prompts tokenized by transformers' CLIPTokenizer on the same BPE file
+(not open_clip's tokenizer). Nothing downloads.
 """
 
 from __future__ import annotations
@@ -19,22 +20,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffalign.scorers import Scorer, available_scorers, load_scorer
-from diffalign.scorers.hps import (
-    VIT_H_14,
-    OpenClipConfig,
-    clean_prompt,
-    preprocess_hps_image,
-)
+from diffalign.scorers.hps import preprocess_hps_image
 from PIL import Image
 
-from diffalign.tiny import build_tokenizer
+from diffalign.tiny.clip_vocab import build_clip_tokenizer
 from hps_checkpoint import (
     CONTEXT,
     LAYERS,
     PATCH,
     SIZE,
     TEXT_HEADS,
-    TINY_CONFIG,
+    TINY_ARCH,
     VISION_HEADS,
     WIDTH,
     open_clip_state_dict,
@@ -48,13 +44,19 @@ STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 # ----------------------------------------------------------------- the independent computation
 
 
+def _float_resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a float ``[3, h, w]`` tensor, antialiased, unclamped (torchvision's tensor path)."""
+    return F.interpolate(x[None], size=hw, mode="bicubic", align_corners=False, antialias=True)[0]
+
+
 def _reference_pixels(image: Image.Image) -> torch.Tensor:
-    """open_clip ResizeMaxSize (PIL bicubic, zero pad: pad // 2 left/top) -> RGB -> /255 -> normalise."""
-    width, height = image.size
+    """The HPSv2 fork's eval order: RGB -> /255 -> ResizeMaxSize on the float tensor
+    (bicubic, zero pad: pad // 2 left/top) -> normalise."""
+    x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+    height, width = x.shape[1:]
     scale = SIZE / max(width, height)
-    new_w, new_h = round(width * scale), round(height * scale)
-    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC).convert("RGB")
-    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float() / 255
+    new_h, new_w = round(height * scale), round(width * scale)
+    x = _float_resize(x, (new_h, new_w)) if scale != 1 else x
     pad_w, pad_h = SIZE - new_w, SIZE - new_h
     pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
     return (F.pad(x, pads, value=0.0) - MEAN) / STD
@@ -111,7 +113,7 @@ def _reference_scores(
     image = _layer_norm(x[:, 0], sd, "visual.ln_post") @ sd["visual.proj"]
 
     # open_clip's layout: [SOT] tokens [EOT], then zeros (its pad id) to the context.
-    ids = build_tokenizer()(prompts)["input_ids"]
+    ids = build_clip_tokenizer()(prompts)["input_ids"]
     tokens = torch.zeros(len(prompts), CONTEXT, dtype=torch.long)
     for row, seq in enumerate(ids):
         tokens[row, : len(seq)] = torch.tensor(seq)
@@ -141,14 +143,8 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 def _load(name: str, weights: Path, hps_folder: Path, **options: object) -> Scorer:
-    """The scorer on the tiny config, with the fixture's tokenizer."""
-    return load_scorer(
-        name,
-        weights=str(weights),
-        tokenizer=str(hps_folder / "tokenizer"),
-        model_config=TINY_CONFIG,
-        **options,
-    )
+    """The scorer on the tiny architecture (registered with open_clip by the hps_folder fixture)."""
+    return load_scorer(name, weights=str(weights), arch=TINY_ARCH, **options)
 
 
 # ----------------------------------------------------------------- tests
@@ -224,21 +220,17 @@ def test_preprocess_resizes_the_longest_side_and_pads_symmetrically(
     """A solid block: the image fills exactly the centred box, every padded pixel is the normalised 0."""
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
-    ours = torch.from_numpy(preprocess_hps_image(noise, SIZE))
-    # Independent: PIL resize to the hand-computed size, torch zero pad, normalise.
-    x = (
-        torch.from_numpy(np.array(noise.resize(resized_wh, Image.Resampling.BICUBIC)))
-        .permute(2, 0, 1)
-        .float()
-        / 255
-    )
+    ours = preprocess_hps_image(noise, SIZE)
+    # Independent: /255, float resize to the hand-computed size, torch zero pad, normalise.
+    x = torch.from_numpy(np.array(noise)).permute(2, 0, 1).float() / 255
+    x = _float_resize(x, resized_wh[::-1])
     left, top, right, bottom = pad_ltrb
     expected = (F.pad(x, (left, right, top, bottom), value=0.0) - MEAN) / STD
     assert ours.shape == (3, SIZE, SIZE) and ours.dtype == torch.float32
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
 
     solid = Image.new("RGB", wh, (200, 100, 50))
-    pixels = torch.from_numpy(preprocess_hps_image(solid, SIZE)) * STD + MEAN
+    pixels = preprocess_hps_image(solid, SIZE) * STD + MEAN
     inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     inside[top : SIZE - bottom, left : SIZE - right] = True
     assert inside.sum() == resized_wh[0] * resized_wh[1]
@@ -253,18 +245,18 @@ def test_preprocess_resizes_the_longest_side_and_pads_symmetrically(
 
 def test_preprocess_keeps_a_square_image_and_drops_alpha_without_compositing():
     """Already SIZE x SIZE: no resize, pixels as they are, alpha dropped (not composited onto white).
-    Larger RGBA: resized in RGBA (PIL premultiplies alpha), converted to RGB afterwards, as the reference."""
+    Larger RGBA: its colour channels resized as they are (the reference's first three channels, not premultiplied)."""
     rng = np.random.default_rng(1)
     square = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     expected = (torch.from_numpy(square).permute(2, 0, 1).float() / 255 - MEAN) / STD
     torch.testing.assert_close(
-        torch.from_numpy(preprocess_hps_image(Image.fromarray(square), SIZE)),
+        preprocess_hps_image(Image.fromarray(square), SIZE),
         expected,
         atol=1e-6,
         rtol=0,
     )
     transparent = Image.new("RGBA", (SIZE, SIZE), (10, 20, 30, 0))
-    pixels = torch.from_numpy(preprocess_hps_image(transparent, SIZE)) * STD + MEAN
+    pixels = preprocess_hps_image(transparent, SIZE) * STD + MEAN
     torch.testing.assert_close(
         pixels,
         (torch.tensor([10.0, 20.0, 30.0]) / 255).view(3, 1, 1).expand(3, SIZE, SIZE),
@@ -273,19 +265,11 @@ def test_preprocess_keeps_a_square_image_and_drops_alpha_without_compositing():
     )
     rgba = Image.fromarray(rng.integers(0, 256, (40, 70, 4), dtype=np.uint8), "RGBA")
     torch.testing.assert_close(
-        torch.from_numpy(preprocess_hps_image(rgba, SIZE)),
+        preprocess_hps_image(rgba, SIZE),
         _reference_pixels(rgba),
         atol=1e-6,
         rtol=0,
     )
-
-
-def test_clean_prompt_is_open_clips():
-    """ftfy, html.unescape twice (so "&amp;amp;" -> "&"), whitespace collapsed, stripped, lower-cased.
-    ftfy alone unescapes HTML only in text without "<"; the reference's own unescape covers the rest."""
-    assert clean_prompt("  A &amp;amp; B\n\t C  ") == "a & b c"
-    assert clean_prompt("I <3 rock &amp;amp; roll") == "i <3 rock & roll"
-    assert clean_prompt("Caf\u00c3\u00a9") == "café"  # ftfy repairs mojibake
 
 
 def test_checkpoint_needing_pickle_requires_allow_pickle(
@@ -332,44 +316,10 @@ def test_bad_checkpoints_configs_and_paths_raise(hps_folder: Path, tmp_path: Pat
     torch.save({"state_dict": foreign}, tmp_path / "HPS_v2.1_compressed.pt")
     with pytest.raises(ValueError, match="visual.attn_pool.query"):
         _load("hpsv2.1", tmp_path, hps_folder)
-    layer_scaled = {
-        **TINY_CONFIG,
-        "vision_cfg": {**TINY_CONFIG["vision_cfg"], "ls_init_value": 1e-5},
-    }
-    with pytest.raises(ValueError, match="ls_init_value"):
-        load_scorer(
-            "hpsv2.1",
-            weights=str(hps_folder),
-            tokenizer=str(hps_folder / "tokenizer"),
-            model_config=layer_scaled,
-        )
+    with pytest.raises(ValueError, match="not an open_clip architecture.*did you mean.*ViT-H-14"):
+        load_scorer("hpsv2.1", weights=str(hps_folder), arch="ViT-H-41")
     with pytest.raises(TypeError, match="unknown options"):
         _load("hpsv2.1", hps_folder, hps_folder, processor="x")
-
-
-def test_vit_h_14_form():
-    """open_clip's ViT-H-14.json: 16 vision heads (width 1280 / head_width 80), 16 text heads, MLP ratio 4."""
-    config = OpenClipConfig.from_dict(VIT_H_14)
-    assert (
-        config.vision_heads,
-        config.text_heads,
-        config.image_size,
-        config.patch_size,
-    ) == (16, 16, 224, 14)
-    tokenizer = build_tokenizer()
-    hf = config.to_transformers(tokenizer)
-    assert (
-        hf.vision_config.intermediate_size == 5120
-        and hf.text_config.intermediate_size == 4096
-    )
-    assert (
-        hf.text_config.hidden_act == hf.vision_config.hidden_act == "gelu"
-        and hf.projection_dim == 1024
-    )
-    assert (
-        hf.text_config.eos_token_id == tokenizer.eos_token_id
-        and hf.text_config.max_position_embeddings == 77
-    )
 
 
 def test_bf16_option(hps_folder: Path):
