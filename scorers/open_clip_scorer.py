@@ -96,7 +96,8 @@ def create_open_clip(arch: str, checkpoint: str | os.PathLike | None = None, **f
             )
     except (RuntimeError, OSError, KeyError, ValueError) as error:  # a state dict of another shape, a broken file
         where = f"{checkpoint}: " if checkpoint is not None else ""
-        raise ValueError(f"{where}cannot build open_clip {arch!r} from it ({_first_line(error)})") from error
+        detail = " ".join(str(error).split())[:600]  # load_state_dict lists the missing/unexpected keys
+        raise ValueError(f"{where}cannot build open_clip {arch!r} from it ({detail})") from error
     return model.eval().requires_grad_(False)
 
 
