@@ -100,7 +100,8 @@ def load_scorer(
         ) from None
     from diffalign.hub_access import hub_errors_as, looks_like_hub_id
 
-    if weights is not None and not Path(weights).expanduser().exists() and not looks_like_hub_id(str(weights)):
+    # A family:variant scorer names its own weights too (openclip:ViT-B-32=laion2b_s34b_b79k, an open_clip tag).
+    if weights is not None and not variant and not Path(weights).expanduser().exists() and not looks_like_hub_id(str(weights)):
         raise FileNotFoundError(f"scorer {name!r}: weights {weights}: no such local file or folder (nor a hub id owner/name)")
     which = f"weights {weights}" if weights is not None else "its default weights"
     fix = (
