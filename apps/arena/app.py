@@ -49,7 +49,8 @@ import PIL.Image
 
 from diffalign.apps.arena.display import blind_pair_files, display_png
 from diffalign.apps.arena.guards import BodyLimit, NoUploads
-from diffalign.apps.arena.page import SHORTCUTS, PageOptions, page_css, reveal_captions, reveal_summary
+from diffalign.apps.arena.page import (SHORTCUTS, PageOptions, caption_classes, page_css, progress_line,
+                                       reveal_captions, reveal_summary)
 from diffalign.apps.arena.rank import leaderboard, outcomes, write_heatmap, write_leaderboard_csv
 from diffalign.apps.arena.schedule import PairScheduler, Showing
 from diffalign.apps.arena.sources import ArenaItem
@@ -61,6 +62,7 @@ from diffalign.atomic import staged_file
 __all__ = ["Arena", "PageOptions", "RateLimited", "build_blocks", "serve", "MAX_BODY_BYTES"]
 
 MAX_BODY_BYTES = 64 * 1024  # the largest request the app accepts: votes and page loads are tiny
+IMAGE_FRAME_PX = 2  # Gradio's image box height includes its 1 px border: the image itself gets the display size
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,10 @@ class Arena:
             token = self.store.issue(session_id, showing.pair.pair_id, showing.left.item_id, showing.right.item_id)
         votes = self.store.vote_count(session_id)
         return Issued(showing, token, votes, self.scheduler.pair_count - self.scheduler.seen_count(session_id))
+
+    def counts(self, session_id: str) -> tuple[int, int]:
+        """``(votes stored, pairs not yet shown)`` of a session."""
+        return self.store.vote_count(session_id), self.scheduler.pair_count - self.scheduler.seen_count(session_id)
 
     def _pending(self, session_id: str) -> Showing | None:
         pending = self.store.pending(session_id)
@@ -219,7 +225,7 @@ def build_blocks(arena: Arena, signer: SessionSigner, options: PageOptions = Pag
         if issued is None:
             return "### You have compared every pair. Thank you!", None, None, "", "All pairs done."
         showing = issued.showing
-        progress = f"Votes this session: **{issued.votes_so_far}** · pairs left for you: {issued.pairs_left}"
+        progress = progress_line(issued.votes_so_far, issued.pairs_left)
         left_file, right_file = blind_pair_files(shown_png(showing.left), shown_png(showing.right), folder)
         return f"### {showing.pair.prompt}", left_file, right_file, issued.token, progress
 
@@ -240,8 +246,8 @@ def build_blocks(arena: Arena, signer: SessionSigner, options: PageOptions = Pag
                 for side, key, label in (("left", 1, "⬅ Left is better [1]"), ("right", 2, "Right is better [2] ➡")):
                     with gr.Column(min_width=300):  # stacks on a phone: each button stays under its image
                         image = gr.Image(label=side.title(), type="pil", format="png", interactive=False,
-                                         height=options.display_size, buttons=["fullscreen"], elem_id=f"arena-{side}")
-                        caption = gr.Markdown(elem_id=f"arena-{side}-caption", elem_classes=["arena-caption"])
+                                         height=options.display_size + IMAGE_FRAME_PX, buttons=["fullscreen"], elem_id=f"arena-{side}")
+                        caption = gr.Markdown(elem_id=f"arena-{side}-caption", elem_classes=caption_classes(None, side))
                         button = gr.Button(label, elem_id=f"vote-{side}", variant="primary")
                     sides[side] = (image, caption, button)
             with gr.Row():
@@ -261,21 +267,27 @@ def build_blocks(arena: Arena, signer: SessionSigner, options: PageOptions = Pag
 
         buttons = {"left": sides["left"][2], "right": sides["right"][2], "tie": tie, "both_bad": both_bad}
         shown = [prompt, sides["left"][0], sides["right"][0], token, progress]
-        reveal_outputs = [sides["left"][1], sides["right"][1], revealed, *buttons.values(), next_button]
+        reveal_outputs = [sides["left"][1], sides["right"][1], revealed, progress, *buttons.values(), next_button]
+        next_outputs = shown + [output for output in reveal_outputs if output is not progress]  # progress is in shown
         demo.load(next_pair, None, shown, api_name="next_pair", queue=False)
 
         def show_next(request: gr.Request) -> tuple:
             """The next pair with the previous reveal cleared in the same update: no name meets a new image."""
-            hidden = ("", "", "", *(gr.update(interactive=True) for _ in buttons), gr.update(visible=False))
+            hidden = (*(gr.update(value="", elem_classes=caption_classes(None, side)) for side in ("left", "right")),
+                      "", *(gr.update(interactive=True) for _ in buttons), gr.update(visible=False))
             return (*next_pair(request), *hidden)
 
         def vote_from_page(choice: str):
             def handler(token_value: str, request: gr.Request) -> tuple:
                 result = vote(choice, token_value, request)
-                captions = (reveal_captions(choice, result["left_model"], result["right_model"])
-                            if result["accepted"] else ("", ""))
+                texts = (reveal_captions(choice, result["left_model"], result["right_model"])
+                         if result["accepted"] else ("", ""))
+                captions = (gr.update(value=text, elem_classes=caption_classes(choice if result["accepted"] else None,
+                                                                                side))
+                            for text, side in zip(texts, ("left", "right")))
                 locked = (gr.update(interactive=False) for _ in buttons)  # a second vote on this pair is refused anyway
-                return (*captions, reveal_summary(result, choice, options), *locked,
+                standing = progress_line(*arena.counts(session_of(request)))
+                return (*captions, reveal_summary(result, choice, options), standing, *locked,
                         gr.update(visible=options.reveal == "next"))
 
             return handler
@@ -285,8 +297,8 @@ def build_blocks(arena: Arena, signer: SessionSigner, options: PageOptions = Pag
             if options.reveal == "pause":
                 pause_ms = round(options.reveal_seconds * 1000)
                 revealing = revealing.then(None, None, None, js=f"() => new Promise(r => setTimeout(r, {pause_ms}))")
-                revealing.then(show_next, None, shown + reveal_outputs, api_visibility="private")
-        next_button.click(show_next, None, shown + reveal_outputs, api_visibility="private")
+                revealing.then(show_next, None, next_outputs, api_visibility="private")
+        next_button.click(show_next, None, next_outputs, api_visibility="private")
         gr.api(vote, api_name="vote", queue=False)
 
         def leaderboard_file() -> dict:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from diffalign.apps.arena.display import DEFAULT_DISPLAY_SIZE, UPSCALE_FILTERS
 
-__all__ = ["CHOICE_LABELS", "PageOptions", "REVEAL_MODES", "SHORTCUTS", "page_css", "reveal_captions", "reveal_summary"]
+__all__ = ["CAPTION_CLASS", "CHOICE_LABELS", "PICKED_CLASS", "caption_classes", "progress_line", "PageOptions", "REVEAL_MODES", "SHORTCUTS", "page_css", "reveal_captions", "reveal_summary"]
 
 REVEAL_MODES = ("next", "pause")
 MAX_REVEAL_SECONDS = 60.0
@@ -43,12 +43,24 @@ class PageOptions:
                              f"{MAX_REVEAL_SECONDS:g}")
 
 
+CAPTION_CLASS = "arena-caption"
+PICKED_CLASS = "arena-picked"  # the caption of the side the voter chose: highlighted (see page_css)
+
+
 def reveal_captions(choice: str, left_model: str, right_model: str) -> tuple[str, str]:
-    """The Markdown under the left and the right image once the vote on them is counted."""
-    marks = {"left": ("✅ your pick", ""), "right": ("", "✅ your pick"), "tie": ("🟰 tie", "🟰 tie"),
-             "both_bad": ("❌ both bad", "❌ both bad")}[choice]
+    """The Markdown under the left and the right image once the vote on them is counted.
+
+    Marks are plain Unicode (✓, =, ✗) that every system font has; emoji render as boxes without an emoji font.
+    """
+    marks = {"left": ("✓ your pick", ""), "right": ("", "✓ your pick"), "tie": ("= tie", "= tie"),
+             "both_bad": ("✗ both bad", "✗ both bad")}[choice]
     return tuple(f"### {side}: `{model}` {mark}".rstrip()
                  for side, model, mark in (("Left", left_model, marks[0]), ("Right", right_model, marks[1])))
+
+
+def caption_classes(choice: str | None, side: str) -> list[str]:
+    """CSS classes of a side's caption: highlighted when the voter picked that side."""
+    return [CAPTION_CLASS, PICKED_CLASS] if choice == side else [CAPTION_CLASS]
 
 
 def reveal_summary(result: dict, choice: str, options: PageOptions) -> str:
@@ -61,6 +73,11 @@ def reveal_summary(result: dict, choice: str, options: PageOptions) -> str:
         return f"**Vote not counted:** {result['reason']}. {then}"
     return (f"You chose **{CHOICE_LABELS[choice]}**. Left was **{result['left_model']}**, right was "
             f"**{result['right_model']}**. {then}")
+
+
+def progress_line(votes: int, pairs_left: int) -> str:
+    """The session's standing, under the buttons."""
+    return f"Votes this session: **{votes}** · pairs left for you: {pairs_left}"
 
 
 # Keyboard: 1 / ArrowLeft, 2 / ArrowRight, 3 / t (tie), 4 / b (both bad); Space / n for Next.
@@ -84,9 +101,25 @@ document.addEventListener("keydown", (event) => {
 
 
 
+# On a narrow screen the two columns stack; each image box then fits its image's width instead of keeping a
+# display-size-high box around a screen-wide image (half of a phone's screen would be empty).
+NARROW_CSS = """
+@media (max-width: 700px) {
+  #arena-left, #arena-right, #arena-left .image-container, #arena-right .image-container,
+  #arena-left .image-frame, #arena-right .image-frame,
+  #arena-left .image-container > button, #arena-right .image-container > button { height: auto !important; }
+  #arena-left img, #arena-right img { width: 100%; height: auto !important; max-height: 80vh; object-fit: contain; }
+}
+"""
+
+
 def page_css(options: PageOptions) -> str:
-    """Nearest-scaled pixel art stays crisp if the browser scales it again; a caption keeps its line when empty."""
-    css = ".arena-caption { min-height: 2.4em; }\n"
+    """The page's CSS: the picked side's caption highlighted, a caption's line kept when empty, phone layout.
+
+    With ``nearest`` the browser keeps scaled pixel art crisp too, should it scale the image again.
+    """
+    css = (f".{CAPTION_CLASS} {{ min-height: 2.4em; padding: 0 0.5em; border-radius: 8px; }}\n"
+           f".{PICKED_CLASS} {{ background: #dcfce7; outline: 2px solid #16a34a; }}\n" + NARROW_CSS)
     if options.upscale == "nearest":
         css += "#arena-left img, #arena-right img { image-rendering: pixelated; }\n"
     return css
