@@ -62,6 +62,7 @@ def read_auth(path: str | None) -> list[tuple[str, str]] | None:
 
 def _arena(args: argparse.Namespace) -> int:
     from diffalign.apps.arena.app import serve
+    from diffalign.apps.arena.page import PageOptions
     from diffalign.apps.arena.sessions import RateLimits
     from diffalign.apps.arena.sources import SourceError
     from diffalign.apps.arena.store import StoreError
@@ -70,6 +71,7 @@ def _arena(args: argparse.Namespace) -> int:
         auth = read_auth(args.auth_file)
         limits = RateLimits(args.session_votes_per_minute, args.address_votes_per_minute, args.address_sessions_per_hour,
                             args.session_pairs_per_minute)
+        options = PageOptions(args.display_size, args.upscale, args.reveal, args.reveal_seconds)
         arena = build_arena(args.source, args.db, seed=args.seed, bootstrap_rounds=args.bootstrap_rounds, limits=limits)
     except (SourceError, StoreError, ValueError) as error:
         print(f"diffalign arena: error: {error}", file=sys.stderr)
@@ -77,7 +79,7 @@ def _arena(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and auth is None:
         print(f"diffalign arena: warning: serving on {args.host} without --auth-file: anyone who reaches it can vote",
               file=sys.stderr)
-    serve(arena, host=args.host, port=args.port, auth=auth, concurrency=args.concurrency)
+    serve(arena, host=args.host, port=args.port, auth=auth, concurrency=args.concurrency, options=options)
     return 0
 
 
@@ -125,6 +127,15 @@ def add_arena_parsers(commands: argparse._SubParsersAction) -> None:
                        help="most new sessions one client address may start in any hour (0: no limit)")
     arena.add_argument("--session-pairs-per-minute", type=int, default=240,
                        help="most pairs (reloads included) one session may be shown in any minute (0: no limit)")
+    arena.add_argument("--display-size", type=int, default=512,
+                       help="height in CSS px of each image box; smaller images are scaled up to it (default 512)")
+    arena.add_argument("--upscale", choices=("nearest", "bicubic", "none"), default="nearest",
+                       help="filter for scaling small images up: nearest keeps pixel art crisp (default), "
+                            "bicubic suits photos, none leaves scaling to the browser")
+    arena.add_argument("--reveal", choices=("next", "pause"), default="next",
+                       help="after a vote the model names stay under the images until: next (the voter presses "
+                            "Next, Space or N; default) or pause (the next pair comes after --reveal-seconds)")
+    arena.add_argument("--reveal-seconds", type=float, default=2.0, help="the pause of --reveal pause (default 2)")
     arena.set_defaults(run=_arena)
 
     export = commands.add_parser("export-votes", help="arena votes -> Pick-a-Pic v2-schema parquet for `diffalign train`")
