@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SerializeAsAny, field_validator
+from pydantic import BaseModel, Field, SerializeAsAny, field_validator, model_validator
 
 from diffalign.config import (
     ConfigError,
@@ -23,6 +23,7 @@ from diffalign.config import (
 )
 
 from .objectives import objective_entry
+from .trackers import TRACKER_NAMES, check_tracker_names
 
 
 class LoraSection(StrictModel):
@@ -78,15 +79,76 @@ class TrainSection(StrictModel):
         description="Resume even if the batch geometry (batch size, accumulation, processes), data or method changed; "
         "the changes are recorded in run.json. Without this such a resume is refused with the list of changes.",
     )
+    reference_errors: str | None = Field(
+        None,
+        description="A folder of the reference's errors precomputed by `diffalign reference-errors CONFIG` for this run: "
+        "training then runs only the policy (no reference forward; no frozen copy in full fine-tuning). A store computed "
+        "for another model, data, seed or precision is refused with what changed.",
+    )
     log_every: int = Field(1, gt=0)
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    report_to: str | list[str] = Field(
+        "tensorboard",
+        description="Trackers, as accelerate names them: one name or a list of "
+        f"{', '.join(TRACKER_NAMES)}; 'all': every installed one; 'none': metrics.jsonl only. "
+        "The whole config is logged as the run's hyperparameters.",
+    )
     progress_bar: bool = True
+    push_to_hub: bool = Field(
+        False, description="Upload final/ (weights + model card) with huggingface_hub when training ends."
+    )
+    hub_model_id: str | None = Field(
+        None, description="The hub repo of push_to_hub (user/name); default: the output folder's name under your user."
+    )
+    hub_private: bool = Field(False, description="Create the push_to_hub repo as private.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: str | list[str]) -> str | list[str]:
+        return check_tracker_names(value)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no_is_false(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `no` as False; accelerate's spelling is the string "no".
         return "no" if value is False else value
+
+
+class ValidationSection(StrictModel):
+    """Validation images: fixed prompts and seeds sampled from the policy during training.
+
+    Runs when ``prompts`` is not empty and ``enabled`` says so (``auto``: on a GPU, not on the CPU,
+    where the GPU recipes' 25-step guided samples of every prompt would cost more than a tiny
+    trial's training). The reference (the base model) is sampled once before the first step into
+    ``validation/reference.png``; the policy at step 0, every ``every_n_steps`` and at the last
+    step into ``validation/step-NNNNNN.png`` (one row per prompt, one column per seed), and each
+    grid is logged to every tracker.
+    """
+
+    enabled: bool | Literal["auto"] = Field(
+        "auto", description="true / false, or auto: sample the prompts when the run is on a GPU, not on the CPU."
+    )
+    prompts: list[str] = Field(default_factory=list, description="Prompts to sample; empty: no validation.")
+    seeds: list[int] = Field([0], min_length=1, description="One image per prompt and seed (the grid's columns).")
+    every_n_steps: int = Field(200, gt=0, description="Sample every N optimizer steps (diffusers' DPO script: 200).")
+    num_inference_steps: int = Field(25, gt=0, description="Deterministic DDIM (flow: Euler) steps.")
+    guidance_scale: float = Field(
+        1.0, ge=1.0, description="Classifier-free guidance scale; 1: unguided (distilled models)."
+    )
+    resolution: int | None = Field(None, gt=0, description="Image size; default: data.resolution.")
+    scorer: str | None = Field(
+        None, description="A diffalign scorer (hpsv2, pickscore, ...) that scores every grid: validation/score."
+    )
+    scorer_weights: str | None = Field(None, description="Local weights file or folder of the scorer.")
+
+    @model_validator(mode="after")
+    def _enabled_needs_prompts(self) -> "ValidationSection":
+        if self.enabled is True and not self.prompts:
+            raise ValueError("validation.enabled=true needs validation.prompts (a list of prompts to sample)")
+        return self
+
+    def active(self, device_type: str) -> bool:
+        """Whether a run on ``device_type`` ("cpu", "cuda", ...) samples validation images."""
+        return bool(self.prompts) and (self.enabled is True or (self.enabled == "auto" and device_type != "cpu"))
 
 
 class TrainConfig(StrictModel):
@@ -97,6 +159,7 @@ class TrainConfig(StrictModel):
     method: SerializeAsAny[BaseModel]
     train: TrainSection = TrainSection()
     lora: LoraSection = LoraSection()
+    validation: ValidationSection = ValidationSection()
 
     @field_validator("method", mode="before")
     @classmethod

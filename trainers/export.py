@@ -4,7 +4,7 @@ LoRA: ``final/pytorch_lora_weights.safetensors`` written by the family's
 pipeline ``save_lora_weights`` (so ``pipe.load_lora_weights(final)`` takes it).
 Full fine-tune: ``final/unet`` or ``final/transformer`` via ``save_pretrained``.
 ``final/diffalign.json`` records the base model, so the result can be
-reloaded without remembering it.
+reloaded without remembering it; ``final/README.md`` is the model card (:mod:`.model_card`).
 """
 
 from __future__ import annotations
@@ -21,14 +21,19 @@ from diffalign.backbones import Backbone, denoiser_subfolder
 from diffalign.atomic import full_disk_is_reported, staged_folder
 
 RECORD_FILE = "diffalign.json"
+MODEL_CARD_FILE = "README.md"
 
 
-def save_final(network: nn.Module, backbone: Backbone, output_dir: str | Path, mode: str, record: dict[str, Any]) -> Path:
-    """Write ``output_dir/final`` atomically (staging folder, then rename)."""
+def save_final(
+    network: nn.Module, backbone: Backbone, output_dir: str | Path, mode: str, record: dict[str, Any], model_card: str | None = None
+) -> Path:
+    """Write ``output_dir/final`` atomically (staging folder, then rename), with ``model_card`` as its README.md."""
     final = Path(output_dir) / "final"
     intact = "the checkpoints are complete" + ("; the previous final/ is unchanged" if final.exists() else "")
     with full_disk_is_reported(final, intact), staged_folder(final) as staging:  # staging is removed on error
         _write_final(staging, network, backbone, mode, record)
+        if model_card is not None:
+            (staging / MODEL_CARD_FILE).write_text(model_card, encoding="utf-8")
     return final
 
 

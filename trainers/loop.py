@@ -32,7 +32,9 @@ from .config import TrainConfig
 from .data import TrainingData, build_training_data
 from .export import save_final
 from .finite import NonFiniteGuard, NonFiniteTrainingError, agree_across_processes, any_nonfinite, require_finite_weights
-from .metrics import MetricsWriter, MetricWindow
+from .hub import hub_is_offline, push_folder
+from .metrics import MetricsWriter, MetricWindow, read_metrics
+from .model_card import render_model_card
 from .run_folder import claim_output_dir
 from .models import (
     build_lr_scheduler,
@@ -41,8 +43,11 @@ from .models import (
     enable_memory_savers,
 )
 from .objectives import objective_entry
+from .reference_errors import ReferenceErrors
 from .pso.online import Reward, SampledStep, resolve_reward
 from .step import DenoisingStep
+from .trackers import accelerate_log_with, flat_hyperparameters
+from .validation import Scorer, Validator
 
 logger = logging.getLogger("diffalign.train")
 
@@ -58,30 +63,40 @@ class TrainResult:
     nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm
 
 
-def train(config: TrainConfig, reward: Reward | None = None) -> TrainResult:
+def train(config: TrainConfig, reward: Reward | None = None, validation_scorer: Scorer | None = None) -> TrainResult:
     """Run a training recipe to ``train.max_steps`` (resuming if asked) and save the final weights.
 
     ``reward(images, prompts) -> scores``: the reward of methods that sample their own images
-    (online PSO). The toy reward is built in; a scorer is passed in by the caller (the CLI).
+    (online PSO). The toy reward is built in; a scorer is passed in by the caller (the CLI), as is
+    ``validation_scorer`` (same signature), which scores the validation images (``validation.scorer``).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(config.train.output_dir)
+    if config.train.push_to_hub and hub_is_offline():
+        raise ConfigError("train.push_to_hub=true but HF_HUB_OFFLINE is set: unset it, or set train.push_to_hub=false "
+                          "and push later with `diffalign push OUTPUT_DIR REPO_ID`")
+    log_with = accelerate_log_with(config.train.report_to)  # a missing tracker package fails here, before any loading
     accelerator = Accelerator(
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=config.train.mixed_precision,
-        log_with=None if config.train.report_to == "none" else config.train.report_to,
+        log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     try:
+        if config.validation.scorer is not None and validation_scorer is None and config.validation.active(accelerator.device.type):
+            raise ConfigError(
+                f"validation.scorer={config.validation.scorer!r} is loaded by `diffalign train`; from Python pass "
+                "validation_scorer=... to diffalign.trainers.loop.train"
+            )
         if config.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
             raise ConfigError(
                 "train.mixed_precision=fp16 needs a GPU: PyTorch's CPU kernels do not run fp16 training. "
                 "On CPU use train.mixed_precision=bf16 (fast on CPUs with AMX / AVX512-BF16) or no."
             )
-        return _run(config, accelerator, reward)
+        return _run(config, accelerator, reward, validation_scorer)
     finally:
         # accelerate keeps process-wide singletons; release them (not the process group) so another
         # run in this process (quickstart, tests, notebooks) may use other precision/accumulation.
@@ -113,11 +128,14 @@ def setup_training(config: TrainConfig, accelerator, reward: Reward | None = Non
     weight_dtype = torch.float32 if run.mixed_precision == "no" else parse_dtype(run.mixed_precision)
     entry = objective_entry(config.method.name)
     objective = entry.build(config.method)  # type: ignore[arg-type]
-    backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
+    precomputed = _precomputed_reference(config, objective.needs_reference, entry.step)
+    # Validation images need the text encoders and the VAE even when training reads a cache.
+    validating = config.validation.active(accelerator.device.type)
+    backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None or validating)
     data = build_training_data(config, backbone, entry.data, accelerator)
     backbone.to(accelerator.device, weight_dtype)
     policy, reference = build_policy_and_reference(
-        backbone, run.mode, config.lora, objective.needs_reference, weight_dtype, accelerator.device
+        backbone, run.mode, config.lora, objective.needs_reference and precomputed is None, weight_dtype, accelerator.device
     )
     enable_memory_savers(policy, run.gradient_checkpointing, config.model.attention)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -132,13 +150,26 @@ def setup_training(config: TrainConfig, accelerator, reward: Reward | None = Non
     if entry.step == "sampled":
         step = SampledStep(backbone, objective, config.method, config.data.resolution, resolve_reward(config.method, reward), weight_dtype)
     else:
-        step = DenoisingStep(backbone, objective, config.data.resolution, config.data.empty_prompt_prob, weight_dtype)
+        step = DenoisingStep(backbone, objective, config.data.resolution, config.data.empty_prompt_prob, weight_dtype, precomputed)
     return TrainingSetup(
         objective, backbone, data, policy, reference, optimizer, lr_scheduler, trainable, weight_dtype, learning_rate, effective_batch, step
     )
 
 
-def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult:
+def _precomputed_reference(config: TrainConfig, needs_reference: bool, step_kind: str) -> ReferenceErrors | None:
+    """The checked store of ``train.reference_errors``, before any model loads (a stale one fails fast)."""
+    if config.train.reference_errors is None:
+        return None
+    if not needs_reference or step_kind == "sampled":
+        raise ConfigError(
+            f"train.reference_errors: method {config.method.name} "
+            + ("uses no reference model" if not needs_reference else "samples its own images online")
+            + "; unset train.reference_errors"
+        )
+    return ReferenceErrors(config.train.reference_errors, config)
+
+
+def _run(config: TrainConfig, accelerator, reward: Reward | None, validation_scorer: Scorer | None) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -180,7 +211,9 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
     )
     loader = accelerator.prepare(loader)
     if accelerator.is_main_process:
-        accelerator.init_trackers("diffalign", config={"method": config.method.name, "lr": learning_rate})
+        hyperparameters = {**flat_hyperparameters(config.model_dump(mode="json")), "effective_learning_rate": learning_rate,
+                           "effective_batch": effective_batch}
+        accelerator.init_trackers("diffalign", config=hyperparameters, init_kwargs=_tracker_options(output_dir))
         print(
             f"diffalign: {config.method.name} on {backbone.family} ({run.mode}), {len(data.dataset)} groups, "
             f"effective batch {effective_batch} = {run.batch_size} x {run.gradient_accumulation_steps} accumulation "
@@ -188,6 +221,21 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
         )
     metrics_writer = MetricsWriter(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process, truncate_after=step)
     window = MetricWindow()
+    validator = None
+    if config.validation.prompts and not config.validation.active(accelerator.device.type) and accelerator.is_main_process:
+        print(f"diffalign: validation images are off on the {accelerator.device.type} (validation.enabled="
+              f"{config.validation.enabled}); validation.enabled=true samples them anyway")
+    if config.validation.active(accelerator.device.type) and accelerator.is_main_process:
+        validator = Validator(config.validation, config.data.resolution, backbone, output_dir, setup.weight_dtype, validation_scorer)
+        if step == 0:  # the base model, before any update: the reference (MaPO has none: the policy at step 0 is the base)
+            network = accelerator.unwrap_model(policy)
+            scores = validator.run(
+                accelerator, network if reference is None else reference, None, None if reference is None else setup.weight_dtype
+            )
+            scores.update(validator.run(accelerator, network, 0))
+            if scores:
+                accelerator.log(scores, step=0)
+                metrics_writer.write(0, scores)
     progress = tqdm(
         total=run.max_steps, initial=step, desc="train", disable=not (run.progress_bar and accelerator.is_local_main_process)
     )
@@ -229,8 +277,11 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
         if not update:
             logger.warning("step %d: non-finite loss or gradient norm (%s); update skipped (%d in a row, %d in all)",
                            step, grad_norm, guard.consecutive, guard.skipped)
+        scores = {}
+        if validator is not None and validator.due(step, run.max_steps):
+            scores = validator.run(accelerator, accelerator.unwrap_model(policy), step)
         if step % run.log_every == 0 or step == run.max_steps:
-            logs = window.reduce(accelerator)
+            logs = window.reduce(accelerator) | scores
             logs["lr"] = lr_scheduler.get_last_lr()[0]
             if grad_norm is not None:
                 logs["grad_norm"] = grad_norm
@@ -239,6 +290,9 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
             accelerator.log(logs, step=step)
             metrics_writer.write(step, logs)
             progress.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
+        elif scores:
+            accelerator.log(scores, step=step)
+            metrics_writer.write(step, scores)
         window.clear()
         if guard.exhausted:
             progress.close()
@@ -258,7 +312,11 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
         record = {"base_model": config.model.path, "method": config.method.name, "steps": step}
         if guard.skipped:
             record["nonfinite_skipped_steps"] = guard.skipped
-        final_dir = save_final(accelerator.unwrap_model(policy), backbone, output_dir, run.mode, record)
+        network = accelerator.unwrap_model(policy)
+        last = [row for row in read_metrics(metrics_writer.path) if "loss" in row] if metrics_writer.path.exists() else []
+        location = (run.hub_model_id or output_dir.resolve().name) if run.push_to_hub else str(final_dir.resolve())
+        card = render_model_card(config, backbone, type(network).__name__, step, last[-1] if last else {}, location)
+        final_dir = save_final(network, backbone, output_dir, run.mode, record, model_card=card)
         summary = data.report.summary()
         (output_dir / "skipped_rows.json").write_text(json.dumps(data.report.to_dict(), indent=2))  # ids per reason
         print(summary)
@@ -267,7 +325,17 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None) -> TrainResult
                   f"not finite (latest: {guard.skipped_steps}); see nonfinite_skipped in {metrics_writer.path}")
         print(f"diffalign: final weights in {final_dir}; metrics in {metrics_writer.path}")
     accelerator.end_training()
+    if run.push_to_hub and accelerator.is_main_process:
+        url = push_folder(final_dir, location, private=run.hub_private, commit_message=f"diffalign {config.method.name}, {step} steps")
+        print(f"diffalign: pushed {final_dir} to {url}")
     return TrainResult(output_dir, final_dir, metrics_writer.path, step, data.report.total, guard.skipped)
+
+
+def _tracker_options(output_dir: Path) -> dict[str, dict[str, Any]]:
+    """wandb writes its run folder into the output folder unless $WANDB_DIR says otherwise."""
+    import os
+
+    return {} if os.environ.get("WANDB_DIR") else {"wandb": {"dir": str(output_dir)}}
 
 
 def _newest_checkpoint(output_dir: Path) -> str:
