@@ -76,7 +76,8 @@ def _upload(source: Path, repo_id: str, repo_type: RepoType, private: bool, toke
 
     if hub_is_offline():
         raise HubError(
-            f"cannot push {source} to {repo_id}: HF_HUB_OFFLINE is set, so huggingface_hub makes no network calls. "
+            f"cannot push {source} to {repo_id}: huggingface_hub is offline (HF_HUB_OFFLINE is set, or this process "
+            "found the hub unreachable), so it makes no network calls. "
             f"Unset it (and log in with `hf auth login` or pass a token) on a machine that reaches the hub, then push again."
         )
     try:
