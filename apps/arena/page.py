@@ -39,7 +39,7 @@ class PageOptions:
         if self.reveal not in REVEAL_MODES:
             raise ValueError(f"--reveal {self.reveal!r}: expected one of {', '.join(REVEAL_MODES)}")
         if not 0.0 < self.reveal_seconds <= MAX_REVEAL_SECONDS:
-            raise ValueError(f"--reveal-seconds {self.reveal_seconds}: expected more than 0 and at most "
+            raise ValueError(f"--reveal-seconds {self.reveal_seconds:g}: expected more than 0 and at most "
                              f"{MAX_REVEAL_SECONDS:g}")
 
 

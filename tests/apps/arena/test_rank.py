@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import numpy as np
@@ -11,12 +12,16 @@ from PIL import Image
 from diffalign.apps.arena.rank import (
     ELO_BASE,
     ELO_SCALE,
+    LEADERBOARD_CSV_COLUMNS,
     bootstrap_intervals,
     fit_bradley_terry,
     leaderboard,
     outcomes,
     pairwise_win_rates,
+    rank_order,
+    reordered,
     write_heatmap,
+    write_leaderboard_csv,
 )
 
 
@@ -98,3 +103,62 @@ def test_heatmap_png_is_written(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 100
     assert not list(tmp_path.glob(".*tmp*")), "the PNG is written under a temporary name, then renamed"
+
+
+def test_heatmap_rows_and_columns_follow_the_rank(tmp_path):
+    """Names sorted alphabetically (a, b, c) but c beats b beats a: the heatmap's order is c, b, a."""
+    votes = [("c", "b", "left")] * 6 + [("b", "a", "left")] * 6 + [("a", "c", "right")] * 6 + [("a", "b", "left")] * 2
+    data = outcomes(votes)
+    assert data.models == ["a", "b", "c"]
+    assert rank_order(data) == ["c", "b", "a"]
+    ranked = reordered(data, rank_order(data))
+    rate, games = pairwise_win_rates(ranked)
+    assert ranked.models == ["c", "b", "a"]
+    assert rate[0, 1] == pytest.approx(1.0) and rate[1, 2] == pytest.approx(6 / 8) and games[1, 2] == 8
+    assert np.all(np.nan_to_num(rate[np.triu_indices(3, 1)]) > 0.5), "above the diagonal: the better model wins"
+    with pytest.raises(ValueError, match="not a permutation"):
+        reordered(data, ["a", "b"])
+    assert write_heatmap(data, tmp_path / "h.png").is_file()
+    with pytest.raises(ValueError, match="not a permutation"):
+        write_heatmap(data, tmp_path / "h.png", order=["c"])
+
+
+def test_leaderboard_csv_columns_and_rows(tmp_path):
+    votes = [("A", "B", "left")] * 3 + [("B", "A", "tie")] + [("C", "A", "right")] * 2
+    rows = leaderboard(outcomes(votes), rounds=20)
+    path = write_leaderboard_csv(rows, tmp_path / "board.csv")
+    with path.open(newline="", encoding="utf-8") as handle:
+        table = list(csv.reader(handle))
+    assert table[0] == LEADERBOARD_CSV_COLUMNS
+    by_model = {row[1]: dict(zip(table[0], row)) for row in table[1:]}
+    assert [row[0] for row in table[1:]] == ["1", "2", "3"] and table[1][1] == "A"
+    assert (by_model["A"]["votes"], by_model["A"]["wins"], by_model["A"]["ties"], by_model["A"]["losses"]) == (
+        "6", "5", "1", "0")
+    assert by_model["A"]["win_rate"] == f"{5.5 / 6:.4f}"
+    for row in by_model.values():
+        assert float(row["interval_low"]) <= float(row["score"]) <= float(row["interval_high"])
+    assert not list(tmp_path.glob(".*tmp*")), "written under a temporary name, then renamed"
+
+
+def test_arena_leaderboard_on_a_store_ranks_the_known_winner_first(toy_arena_sources, tmp_path):
+    """Votes where truth beats degraded beats wrong-colour, whatever the sides: table, CSV and heatmap agree."""
+    from diffalign.apps.arena.cli import build_arena
+
+    strength = {"truth": 2, "degraded": 1, "wrong-colour": 0}
+    arena = build_arena([str(p) for p in toy_arena_sources.values()], tmp_path / "votes.sqlite", seed=0,
+                        bootstrap_rounds=20)
+    for session in range(6):  # under the suspicion rules' 10 votes a session: no session is judged
+        for _ in range(8):
+            issued = arena.issue(f"session-{session}")
+            left, right = issued.showing.left.model, issued.showing.right.model
+            choice = "left" if strength[left] > strength[right] else "right"
+            assert arena.vote(f"session-{session}", issued.token, choice).accepted
+    table, heatmap, summary = arena.leaderboard()
+    assert [row[1] for row in table] == ["truth", "degraded", "wrong-colour"]
+    assert "48 votes" in summary and heatmap is not None and arena.heatmap_path.is_file()
+    with arena.leaderboard_csv.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["rank"], row["model"]) for row in rows] == [("1", "truth"), ("2", "degraded"), ("3", "wrong-colour")]
+    assert sum(int(row["votes"]) for row in rows) == 2 * 48
+    assert arena.leaderboard_csv.name == "votes.leaderboard.csv"
+    arena.store.close()
