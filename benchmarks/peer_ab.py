@@ -1,0 +1,372 @@
+"""Peer A/B: a reference training script against `diffalign train`, same work, alternating rounds.
+
+    python benchmarks/peer_ab.py --peer-repo PATH/TO/diffusers --model SDXL_DIR --data pairs.parquet
+        [--method dpo|mapo] [--precision fp32 bf16] [--steps N1 N2] [--rounds R] [--threads T]
+        [--arms raw,cached] [--batch 4] [--resolution 64] [--rank 4] [--lr 1e-5]
+        [--diffalign-override key=value ...] [--diffalign-pre 'CMD' ...] [--json OUT] [--work DIR]
+
+The peer is run from the user's own checkout, unmodified (`--peer-repo`; nothing of it is in this
+repository): diffusers' `examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py` for
+DPO, the official MaPO repository's `train_with_lora.py` for MaPO. Both sides get the settings of
+`peer_ab_settings.py`, printed side by side first; a mismatch stops the run.
+
+**Step time** is (T(N2) - T(N1)) / (N2 - N1), where T(N) is the wall time of a whole run of N
+steps: start-up, model loading and the first (warm-up) steps cancel, whatever each side logs.
+**End to end** is T(N2) plus every pre-command diffalign needs first (the latent cache of the
+`cached` arm, any `--diffalign-pre`). **Peak RSS** is `ru_maxrss` of the run's process tree from
+`os.wait4` (the largest resident set of the process or any child it waited for), one fresh process
+per run. Rounds alternate the order of the arms (peer, raw, cached, then cached, raw, peer, ...) so
+a drift of other load on the machine hits every arm alike; medians over rounds are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peer_ab_settings import (  # noqa: E402  (a sibling module of this script)
+    RECIPES,
+    ABSpec,
+    diffalign_overrides,
+    format_table,
+    mismatches,
+    peer_argv,
+    peer_script,
+    settings_rows,
+    shell_line,
+)
+
+ARMS = ("raw", "cached")  # diffalign's arms; the peer is always the third
+GOALS = {"step": 0.5, "peak_rss": 0.8, "end_to_end": 1.0}  # issue 15: diffalign / peer must stay below
+
+
+@dataclass
+class Measured:
+    """One process (a training run or a pre-command): wall time, peak RSS, exit status, its log."""
+
+    wall_s: float
+    peak_rss_mib: float
+    returncode: int
+    log: str
+
+
+@dataclass
+class ArmRound:
+    """One arm in one round: the runs of N1 and N2 steps and the pre-commands of the round."""
+
+    arm: str
+    round: int
+    short: Measured
+    long: Measured
+    pre: list[Measured] = field(default_factory=list)
+
+    def step_s(self, steps: tuple[int, int]) -> float:
+        return step_time(self.short.wall_s, self.long.wall_s, steps)
+
+    def end_to_end_s(self) -> float:
+        return self.long.wall_s + sum(item.wall_s for item in self.pre)
+
+    def peak_rss_mib(self) -> float:
+        """The training run's peak (the longer run): what the issue's memory ratio compares."""
+        return self.long.peak_rss_mib
+
+
+def step_time(short_s: float, long_s: float, steps: tuple[int, int]) -> float:
+    """Steady-state seconds per step from two whole runs of N1 < N2 steps.
+
+    Start-up, loading and warm-up cost the same in both runs and cancel:
+    T(N) = setup + N * step  =>  step = (T(N2) - T(N1)) / (N2 - N1).
+    """
+    short_steps, long_steps = steps
+    if long_steps <= short_steps:
+        raise ValueError(f"--steps {short_steps} {long_steps}: the second length must be larger")
+    return (long_s - short_s) / (long_steps - short_steps)
+
+
+def arm_order(arms: list[str], round_index: int) -> list[str]:
+    """Alternate the order each round (A B C, C B A, ...) so slow drifts of load hit all arms alike."""
+    return list(arms) if round_index % 2 == 0 else list(reversed(arms))
+
+
+def measure(argv: list[str], env: dict[str, str], log: Path, cwd: Path, shell: bool = False) -> Measured:
+    """Run one process to its end; its wall time and the peak RSS of its process tree (os.wait4)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            argv if not shell else argv[0], shell=shell, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+            executable="/bin/bash" if shell else None,
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    return Measured(wall, usage.ru_maxrss / 1024.0, process.returncode, str(log))
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def summarise(results: list[ArmRound], steps: tuple[int, int]) -> dict[str, dict[str, float]]:
+    """Median step time, end to end and peak RSS per arm, and every arm's ratios to the peer."""
+    by_arm: dict[str, list[ArmRound]] = {}
+    for result in results:
+        by_arm.setdefault(result.arm, []).append(result)
+    summary: dict[str, dict[str, float]] = {}
+    for arm, rounds in by_arm.items():
+        summary[arm] = {
+            "rounds": len(rounds),
+            "step_s": statistics.median(item.step_s(steps) for item in rounds),
+            "end_to_end_s": statistics.median(item.end_to_end_s() for item in rounds),
+            "peak_rss_mib": statistics.median(item.peak_rss_mib() for item in rounds),
+            "pre_s": statistics.median(sum(pre.wall_s for pre in item.pre) for item in rounds),
+        }
+    peer = summary.get("peer")
+    if peer:
+        for arm, figures in summary.items():
+            figures["step_ratio"] = figures["step_s"] / peer["step_s"]
+            figures["end_to_end_ratio"] = figures["end_to_end_s"] / peer["end_to_end_s"]
+            figures["peak_rss_ratio"] = figures["peak_rss_mib"] / peer["peak_rss_mib"]
+    return summary
+
+
+def format_summary(summary: dict[str, dict[str, float]], title: str) -> str:
+    """A Markdown table: one row per arm, the ratios against the goals of issue 15."""
+    lines = [
+        f"**{title}**",
+        "",
+        "| arm | s/step | end to end (s) | of which pre (s) | peak RSS (MiB) | step ratio | e2e ratio | RSS ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, figures in summary.items():
+        ratios = ""
+        if "step_ratio" in figures and arm != "peer":
+            marks = [
+                f"{figures['step_ratio']:.2f}" + ("" if figures["step_ratio"] <= GOALS["step"] else " (goal <= 0.5)"),
+                f"{figures['end_to_end_ratio']:.2f}"
+                + ("" if figures["end_to_end_ratio"] < GOALS["end_to_end"] else " (goal < 1)"),
+                f"{figures['peak_rss_ratio']:.2f}"
+                + ("" if figures["peak_rss_ratio"] <= GOALS["peak_rss"] else " (goal <= 0.8)"),
+            ]
+            ratios = " | ".join(marks)
+        else:
+            ratios = "1 | 1 | 1" if arm == "peer" else " | | "
+        lines.append(
+            f"| {arm} | {figures['step_s']:.3f} | {figures['end_to_end_s']:.1f} | {figures['pre_s']:.1f} | "
+            f"{figures['peak_rss_mib']:.0f} | {ratios} |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer-repo", required=True, type=Path,
+                        help="your checkout of huggingface/diffusers (dpo) or mapo-t2i/mapo (mapo)")
+    parser.add_argument("--model", required=True, help="an SDXL diffusers folder both sides load")
+    parser.add_argument("--data", required=True, type=Path, help="a Pick-a-Pic-schema .parquet file")
+    parser.add_argument("--method", choices=sorted(RECIPES), default="dpo")
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"])
+    parser.add_argument("--steps", nargs=2, type=int, default=(10, 20), metavar=("N1", "N2"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of both sides")
+    parser.add_argument("--arms", default="raw,cached", help="diffalign arms: raw (as is), cached (diffalign cache first)")
+    parser.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--beta", type=float, default=None, help="DPO beta / MaPO beta_mapo (default 5000 / 0.1)")
+    parser.add_argument("--diffalign-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra diffalign override for every diffalign arm (repeatable)")
+    parser.add_argument("--diffalign-pre", action="append", default=[], metavar="CMD",
+                        help="a shell command run before every diffalign training run, its time counted in end to "
+                             "end; {diffalign} {config} {overrides} {work} are filled in (repeatable)")
+    parser.add_argument("--python", default=sys.executable, help="the Python both sides run with")
+    parser.add_argument("--diffalign", default=str(Path(sys.executable).with_name("diffalign")))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/peer_ab"), help="scratch folder (logs kept)")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def child_env(threads: int, work: Path) -> dict[str, str]:
+    """Same environment for both sides: thread counts, offline hubs, no W&B, one datasets cache."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        HF_DATASETS_CACHE=str(work / "hf-datasets"),
+    )
+    return env
+
+
+def prepare_peer_dataset(data: Path, work: Path, python: str, env: dict[str, str]) -> Path:
+    """The peer reads a datasets folder: link the parquet into one and convert it once (untimed).
+
+    `load_dataset` turns a parquet folder into Arrow files in its cache on first use; doing it here
+    keeps that one-off out of every timed peer run (which favours the peer in end to end).
+    """
+    folder = work / "peer-dataset"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "train.parquet"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(data.resolve())
+    code = f"from datasets import load_dataset; print(load_dataset({str(folder)!r}, split='train'))"
+    done = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"peer_ab: datasets could not read {data} as a parquet dataset:\n{done.stderr[-2000:]}")
+    return folder
+
+
+def warm_files(*roots: Path) -> None:
+    """Read the model and data once so no arm pays the cold page cache alone."""
+    for root in roots:
+        paths = [root] if root.is_file() else [path for path in root.rglob("*") if path.is_file()]
+        for path in paths:
+            with path.open("rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+
+
+def fill_pre(command: str, diffalign: str, config: str, overrides: list[str], work: Path) -> str:
+    return command.format(
+        diffalign=shlex.quote(diffalign), config=shlex.quote(config),
+        overrides=" ".join(shlex.quote(item) for item in overrides), work=shlex.quote(str(work)),
+    )
+
+
+def run_round_arm(arm: str, round_index: int, spec_for, args, env: dict[str, str], peer: Path,
+                  dataset_dir: Path, scratch: Path) -> ArmRound:
+    """Both lengths of one arm in one round (and, for diffalign, its pre-commands once)."""
+    steps = tuple(args.steps)
+    folder = scratch / f"round{round_index}-{arm}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    pre: list[Measured] = []
+    cache_override: list[str] = []
+    recipe = RECIPES[args.method]
+    if arm == "cached":
+        cache_dir = folder / "cache"
+        cache_override = [f"data.cache_dir={cache_dir}"]
+        overrides = diffalign_overrides(spec_for(steps[1]), folder / "out") + cache_override
+        pre.append(measure([args.diffalign, "cache", recipe, *overrides], env, folder / "cache.log", folder))
+    for index, command in enumerate(args.diffalign_pre if arm != "peer" else []):
+        overrides = diffalign_overrides(spec_for(steps[1]), folder / "out") + cache_override
+        line = fill_pre(command, args.diffalign, recipe, overrides, folder)
+        pre.append(measure([line], env, folder / f"pre{index}.log", folder, shell=True))
+    for item in pre:
+        if item.returncode != 0:
+            raise SystemExit(f"peer_ab: a pre-command of arm {arm} failed (exit {item.returncode}); see {item.log}")
+    runs: dict[int, Measured] = {}
+    for steps_now in steps if round_index % 2 == 0 else reversed(steps):  # alternate which length runs first
+        out = folder / f"out-{steps_now}"
+        if arm == "peer":
+            argv = [args.python, str(peer), *peer_argv(spec_for(steps_now), dataset_dir, out)]
+        else:
+            argv = [args.diffalign, "train", recipe, *diffalign_overrides(spec_for(steps_now), out), *cache_override]
+        result = measure(argv, env, folder / f"train-{steps_now}.log", folder)
+        if result.returncode != 0:
+            raise SystemExit(f"peer_ab: {arm} run of {steps_now} steps failed (exit {result.returncode}); "
+                             f"see {result.log}\n$ {shell_line(argv)}")
+        shutil.rmtree(out, ignore_errors=True)
+        runs[steps_now] = result
+    if arm == "cached":
+        shutil.rmtree(folder / "cache", ignore_errors=True)
+    return ArmRound(arm, round_index, runs[steps[0]], runs[steps[1]], pre)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    steps = tuple(args.steps)
+    step_time(0.0, 1.0, steps)  # refuses N2 <= N1 before anything runs
+    arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown:
+        raise SystemExit(f"peer_ab: --arms {args.arms}: unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if not args.data.is_file():
+        raise SystemExit(f"peer_ab: --data {args.data} is not a file: pass a Pick-a-Pic-schema .parquet "
+                         "(e.g. `diffalign toy pairs OUT.parquet`)")
+    if not Path(args.model, "model_index.json").is_file():
+        raise SystemExit(f"peer_ab: --model {args.model} has no model_index.json: pass a diffusers SDXL folder")
+    try:
+        peer = peer_script(args.method, args.peer_repo)
+    except FileNotFoundError as error:
+        raise SystemExit(f"peer_ab: {error}") from None
+    args.work.mkdir(parents=True, exist_ok=True)
+    env = child_env(args.threads, args.work.resolve())
+    rows_used = steps[1] * args.batch
+    report: dict[str, Any] = {"method": args.method, "steps": list(steps), "rounds": args.rounds,
+                              "threads": args.threads, "peer_script": str(peer), "arms": arms, "runs": {}}
+
+    def spec(precision: str):
+        def spec_for(steps_now: int) -> ABSpec:
+            return ABSpec(method=args.method, model=str(Path(args.model).resolve()), data=str(args.data.resolve()),
+                          steps=steps_now, rows=rows_used, precision=precision, batch_pairs=args.batch,
+                          resolution=args.resolution, rank=args.rank, learning_rate=args.lr, beta=args.beta,
+                          extra_overrides=tuple(args.diffalign_override))
+        return spec_for
+
+    dataset_dir = prepare_peer_dataset(args.data, args.work, args.python, env)
+    for precision in args.precision:
+        sample = spec(precision)(steps[1])
+        rows = settings_rows(args.method, peer_argv(sample, dataset_dir, Path("OUT")),
+                             diffalign_overrides(sample, Path("OUT")))
+        print(f"\n## {args.method} {precision}: settings read back from both command lines\n")
+        print(format_table(rows, f"peer ({peer.name})"))
+        bad = mismatches(rows)
+        if bad:
+            raise SystemExit("peer_ab: the two sides would not do the same work: "
+                             + "; ".join(f"{row.setting}: {row.peer} vs {row.diffalign}" for row in bad))
+        print(f"\nthreads {args.threads} each; rows {rows_used}; steps {steps[0]} and {steps[1]}; rounds {args.rounds}")
+        warm_files(Path(args.model), args.data)
+        results: list[ArmRound] = []
+        loads: list[float] = []
+        for round_index in range(args.rounds):
+            for arm in arm_order(["peer", *arms], round_index):
+                loads.append(load_average())
+                result = run_round_arm(arm, round_index, spec(precision), args, env, peer, dataset_dir,
+                                       args.work / precision)
+                results.append(result)
+                print(f"round {round_index} {arm:6s}: T({steps[0]})={result.short.wall_s:.1f}s "
+                      f"T({steps[1]})={result.long.wall_s:.1f}s step={result.step_s(steps):.3f}s "
+                      f"e2e={result.end_to_end_s():.1f}s peak={result.peak_rss_mib():.0f}MiB load={loads[-1]:.1f}",
+                      flush=True)
+        loads.append(load_average())
+        summary = summarise(results, steps)
+        print()
+        print(format_summary(summary, f"{args.method} {precision}, {args.model}: medians of {args.rounds} rounds, "
+                                      f"1-min load {min(loads):.1f}-{max(loads):.1f}"))
+        report["runs"][precision] = {
+            "settings": [asdict(row) for row in rows],
+            "rounds": [asdict(item) | {"step_s": item.step_s(steps), "end_to_end_s": item.end_to_end_s()}
+                       for item in results],
+            "summary": summary,
+            "load_average_1min": loads,
+        }
+    if args.json:
+        from diffalign.atomic import staged_file
+
+        with staged_file(args.json) as temporary:
+            temporary.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

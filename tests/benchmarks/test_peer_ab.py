@@ -1,0 +1,212 @@
+"""The peer A/B harness's own logic: matched settings, step-time arithmetic, refusals.
+
+No peer run here: the peer's checkout is not part of this repository and nothing downloads.
+The process measurement is checked on a tiny Python child whose memory use is known.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str):
+    """Load a benchmarks/ script as a module under its own name (benchmarks/ is not a package).
+
+    Registered in sys.modules because dataclasses look their module up there, and under its own
+    name so that peer_ab's `from peer_ab_settings import ...` finds this same module.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
+settings = _load("peer_ab_settings")
+peer_ab = _load("peer_ab")
+
+
+def _spec(method: str = "dpo", **changes) -> object:
+    fields = dict(method=method, model="/m", data="/d/pairs.parquet", steps=20, rows=80)
+    fields.update(changes)
+    return settings.ABSpec(**fields)
+
+
+@pytest.mark.parametrize("method", ["dpo", "mapo"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_command_lines_read_back_the_same_settings(method, precision):
+    spec = _spec(method, precision=precision, batch_pairs=3, resolution=96, rank=8, learning_rate=2e-4)
+    rows = settings.settings_rows(
+        method,
+        settings.peer_argv(spec, Path("/d"), Path("/o")),
+        settings.diffalign_overrides(spec, Path("/o")),
+    )
+    assert settings.mismatches(rows) == []
+    by_name = {row.setting: row for row in rows}
+    # the values in the table are the spec's, read back from each side's own spelling
+    assert (by_name["pairs per step"].peer, by_name["pairs per step"].diffalign) == ("3", "3")
+    assert (by_name["resolution (px)"].peer, by_name["resolution (px)"].diffalign) == ("96", "96")
+    assert (by_name["LoRA rank"].peer, by_name["LoRA rank"].diffalign) == ("8", "8")
+    expected = {"fp32": "no", "bf16": "bf16"}[precision]
+    assert by_name["mixed precision"].peer == by_name["mixed precision"].diffalign == expected
+    assert by_name["gradient checkpointing"].diffalign == "false"
+    assert by_name["gradient checkpointing"].peer == "false"  # the flag is absent from the peer's argv
+
+
+def test_peer_spells_rank_and_beta_its_own_way():
+    dpo = settings.parse_peer_argv(settings.peer_argv(_spec("dpo"), Path("/d"), Path("/o")))
+    mapo = settings.parse_peer_argv(settings.peer_argv(_spec("mapo"), Path("/d"), Path("/o")))
+    assert (dpo["rank"], dpo["beta_dpo"]) == ("4", "5000")  # diffusers parses --beta_dpo as an int
+    assert (mapo["lora_rank"], mapo["beta_mapo"]) == ("4", "0.1")
+    assert "rank" not in mapo and "beta_dpo" not in mapo
+
+
+@pytest.mark.parametrize(
+    ("override", "setting"),
+    [
+        ("train.batch_size=8", "pairs per step"),
+        ("train.gradient_checkpointing=true", "gradient checkpointing"),
+        ("train.mixed_precision=bf16", "mixed precision"),
+        ("train.optimizer=adafactor", "optimizer"),
+        ("lora.rank=16", "LoRA rank"),
+    ],
+)
+def test_an_extra_override_that_changes_the_work_is_a_mismatch(override, setting):
+    spec = _spec(extra_overrides=(override,))
+    rows = settings.settings_rows(
+        "dpo", settings.peer_argv(spec, Path("/d"), Path("/o")), settings.diffalign_overrides(spec, Path("/o"))
+    )
+    assert [row.setting for row in settings.mismatches(rows)] == [setting]
+    assert "MISMATCH" in settings.format_table(rows, "peer")
+
+
+def test_a_peer_flag_changes_the_table_too():
+    spec = _spec()
+    peer = settings.peer_argv(spec, Path("/d"), Path("/o")) + ["--gradient_checkpointing", "--use_8bit_adam"]
+    rows = settings.settings_rows("dpo", peer, settings.diffalign_overrides(spec, Path("/o")))
+    assert sorted(row.setting for row in settings.mismatches(rows)) == ["gradient checkpointing", "optimizer"]
+
+
+def test_table_lists_every_setting_side_by_side():
+    spec = _spec()
+    rows = settings.settings_rows(
+        "dpo", settings.peer_argv(spec, Path("/d"), Path("/o")), settings.diffalign_overrides(spec, Path("/o"))
+    )
+    table = settings.format_table(rows, "peer (train_diffusion_dpo_sdxl.py)").splitlines()
+    assert table[0] == "| setting | peer (train_diffusion_dpo_sdxl.py) | diffalign | |"
+    assert len(table) == 2 + len(rows)
+    assert "| pairs per step | 4 | 4 |  |" in table
+
+
+def test_spec_refuses_bad_values():
+    with pytest.raises(ValueError, match="method 'ppo'"):
+        _spec("ppo")
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        _spec(precision="fp16")
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        _spec(steps=0)
+    with pytest.raises(ValueError, match="expected key.path=value"):
+        _spec(extra_overrides=("train.batch_size",))
+
+
+def test_peer_path_without_the_script_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="huggingface/diffusers") as error:
+        settings.peer_script("dpo", tmp_path)
+    assert "train_diffusion_dpo_sdxl.py" in str(error.value)
+    script = tmp_path / settings.PEER_SCRIPTS["dpo"]
+    script.parent.mkdir(parents=True)
+    script.write_text("")
+    assert settings.peer_script("dpo", tmp_path) == script
+
+
+def test_cli_refuses_a_checkout_without_the_script_before_running_anything(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    data = tmp_path / "pairs.parquet"
+    data.write_bytes(b"")
+    argv = ["--peer-repo", str(tmp_path), "--model", str(model), "--data", str(data), "--work", str(tmp_path / "w")]
+    with pytest.raises(SystemExit, match="not found: --peer-repo must be a checkout of huggingface/diffusers"):
+        peer_ab.main(argv)
+    with pytest.raises(SystemExit, match="mapo-t2i/mapo"):
+        peer_ab.main([*argv, "--method", "mapo"])
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_refuses_lengths_that_do_not_grow(tmp_path):
+    with pytest.raises(ValueError, match="--steps 20 10"):
+        peer_ab.main(["--peer-repo", str(tmp_path), "--model", "m", "--data", "d", "--steps", "20", "10"])
+
+
+def test_step_time_cancels_the_fixed_cost():
+    # T(N) = 30 s of start-up + N x 1.5 s: T(10) = 45, T(30) = 75  ->  (75 - 45) / 20 = 1.5
+    assert peer_ab.step_time(45.0, 75.0, (10, 30)) == pytest.approx(1.5)
+
+
+def test_rounds_alternate_the_order_of_the_arms():
+    arms = ["peer", "raw", "cached"]
+    assert peer_ab.arm_order(arms, 0) == ["peer", "raw", "cached"]
+    assert peer_ab.arm_order(arms, 1) == ["cached", "raw", "peer"]
+    assert peer_ab.arm_order(arms, 2) == arms
+
+
+def _run(arm, round_index, short_s, long_s, rss, pre_s=()):
+    measured = peer_ab.Measured
+    return peer_ab.ArmRound(
+        arm, round_index, measured(short_s, rss / 2, 0, ""), measured(long_s, rss, 0, ""),
+        [measured(seconds, 1.0, 0, "") for seconds in pre_s],
+    )
+
+
+def test_summary_takes_medians_and_counts_pre_commands_in_end_to_end():
+    steps = (10, 20)
+    results = [
+        # peer: 1.0, 1.2, 3.0 s/step (median 1.2); T(20) 30, 32, 60 (median 32); RSS 1000, 1100, 1200
+        _run("peer", 0, 20.0, 30.0, 1000.0), _run("peer", 1, 20.0, 32.0, 1100.0), _run("peer", 2, 30.0, 60.0, 1200.0),
+        # cached: 0.5, 0.6, 0.4 s/step (median 0.5); T(20) 20, 22, 18 + cache 4, 6, 5 s -> e2e 24, 28, 23 (median 24)
+        _run("cached", 0, 15.0, 20.0, 700.0, (4.0,)), _run("cached", 1, 16.0, 22.0, 800.0, (6.0,)),
+        _run("cached", 2, 14.0, 18.0, 900.0, (5.0,)),
+    ]
+    summary = peer_ab.summarise(results, steps)
+    assert summary["peer"]["step_s"] == pytest.approx(1.2)
+    assert summary["cached"]["step_s"] == pytest.approx(0.5)
+    assert summary["cached"]["end_to_end_s"] == pytest.approx(24.0)
+    assert summary["cached"]["pre_s"] == pytest.approx(5.0)
+    assert summary["cached"]["step_ratio"] == pytest.approx(0.5 / 1.2)
+    assert summary["cached"]["end_to_end_ratio"] == pytest.approx(24.0 / 32.0)
+    assert summary["cached"]["peak_rss_ratio"] == pytest.approx(800.0 / 1100.0)
+    table = peer_ab.format_summary(summary, "t")
+    assert "| cached | 0.500 | 24.0 | 5.0 | 800 | 0.42 | 0.75 | 0.73 |" in table
+    slow = peer_ab.summarise([results[0], _run("raw", 0, 20.0, 40.0, 1500.0)], steps)
+    assert "2.00 (goal <= 0.5)" in peer_ab.format_summary(slow, "t")
+
+
+def test_measure_reports_the_childs_peak_rss_and_exit_status(tmp_path):
+    # the child holds 200 MiB of touched memory; the parent's own memory must not count
+    code = "import sys; block = bytearray(200 * 1024 * 1024); block[::4096] = b'x' * len(block[::4096]); sys.exit(3)"
+    measured = peer_ab.measure([sys.executable, "-c", code], {}, tmp_path / "log.txt", tmp_path)
+    assert measured.returncode == 3
+    assert 200 <= measured.peak_rss_mib < 400
+    small = peer_ab.measure([sys.executable, "-c", "print('hi')"], {}, tmp_path / "small.txt", tmp_path)
+    assert small.returncode == 0 and small.peak_rss_mib < 100
+    assert (tmp_path / "small.txt").read_text() == "hi\n"
+
+
+def test_pre_commands_get_the_run_settings_filled_in(tmp_path):
+    line = peer_ab.fill_pre(
+        "{diffalign} reference precompute {config} {overrides} --out {work}/ref",
+        "/venv/bin/diffalign", "sdxl/dpo", ["model.path=/a b", "train.batch_size=4"], tmp_path,
+    )
+    assert line == f"/venv/bin/diffalign reference precompute sdxl/dpo 'model.path=/a b' train.batch_size=4 --out {tmp_path}/ref"
