@@ -23,12 +23,13 @@ def _train(args: argparse.Namespace) -> int:
     from diffalign.trainers.config import load_train_config
     from diffalign.atomic import DiskFullError
     from diffalign.trainers.finite import NonFiniteTrainingError
+    from diffalign.trainers.hub import HubError
     from diffalign.trainers.loop import train
 
     config = load_train_config(args.config, args.overrides)
     try:
-        train(config, reward=_scorer_reward(config.method))
-    except (NonFiniteTrainingError, DiskFullError) as error:  # a failed run, not a usage error (2): the message says what to do
+        train(config, reward=_scorer_reward(config.method), validation_scorer=_validation_scorer(config.validation))
+    except (NonFiniteTrainingError, DiskFullError, HubError) as error:  # a failed run, not a usage error (2): the message says what to do
         print(f"diffalign train: error: {error}", file=sys.stderr)
         return 1
     return 0
@@ -45,6 +46,18 @@ def _scorer_reward(method):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return load_scorer(name, weights=method.reward_weights, device=device).score
+
+
+def _validation_scorer(validation):
+    """The scorer of the validation images (validation.scorer), loaded here: trainers never import scorers."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if validation.scorer is None or not validation.active(device):
+        return None
+    from diffalign.scorers import load_scorer
+
+    return load_scorer(validation.scorer, weights=validation.scorer_weights, device=device).score
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -107,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     from diffalign.apps.captions_cli import add_captions_parser
     from diffalign.apps.data_cli import add_data_parsers
     from diffalign.apps.eval_cli import add_eval_parsers
+    from diffalign.apps.hub_cli import add_hub_parsers
     from diffalign.apps.recipes_cli import add_recipes_parsers
     from diffalign.apps.score_cli import add_score_parsers
     from diffalign.apps.tiny_cli import add_tiny_parsers
@@ -118,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arena_parsers(commands)
     add_data_parsers(commands)
     add_recipes_parsers(commands)
+    add_hub_parsers(commands)
     return parser
 
 

@@ -104,6 +104,16 @@ def _export(args: argparse.Namespace) -> int:
         return 1
     print(f"diffalign export-votes: wrote {counts['written']} of {counts['votes']} votes to {args.out} "
           + ", ".join(f"{k}: {v}" for k, v in counts.items() if k not in ("written", "votes")))
+    if args.push is not None:
+        from diffalign.apps.arena.export import push_votes
+        from diffalign.trainers.hub import HubError
+
+        try:
+            url = push_votes(args.out, args.push, private=args.private, token=args.token)
+        except HubError as error:
+            print(f"diffalign export-votes: error: {error} (the parquet {args.out} is written)", file=sys.stderr)
+            return 1
+        print(f"diffalign export-votes: pushed {args.out} to {url}")
     return 0
 
 
@@ -145,4 +155,8 @@ def add_arena_parsers(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--min-session-votes", type=int, default=0, help="leave out sessions with fewer votes")
     export.add_argument("--keep-suspicious", action="store_true",
                         help="keep sessions that look automated (default: dropped and counted; see arena.suspicion)")
+    export.add_argument("--push", default=None, metavar="REPO_ID",
+                        help="also upload the parquet to this Hugging Face dataset repo (created if missing) as its train split")
+    export.add_argument("--private", action="store_true", help="with --push: create the dataset repo as private")
+    export.add_argument("--token", default=None, help="with --push: a hub token (default: HF_TOKEN or `hf auth login`)")
     export.set_defaults(run=_export)

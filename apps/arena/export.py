@@ -25,8 +25,9 @@ from diffalign.atomic import staged_file
 from diffalign.data.pickapic import pickapic_core_fields
 from diffalign.data.report import SkipReport
 
-__all__ = ["ExportFilters", "export_votes"]
+__all__ = ["ExportFilters", "export_votes", "push_votes"]
 
+VOTES_IN_REPO = "data/train.parquet"  # the hub's data set viewer and `datasets` read data/train*.parquet as the train split
 
 
 def _schema():
@@ -138,3 +139,14 @@ def _read_images(vote: StoredVote, report: SkipReport, source: str) -> tuple[byt
     except OSError as error:
         report.record(source, f"vote {vote.vote_id}", f"unreadable image: {error}")
         return None
+
+
+def push_votes(parquet: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload an exported votes parquet to the dataset repo ``repo_id`` as its train split; returns the repo's URL.
+
+    Raises :class:`diffalign.trainers.hub.HubError` (offline, no network, no access) with what to do.
+    """
+    from diffalign.trainers.hub import push_file
+
+    return push_file(parquet, repo_id, VOTES_IN_REPO, repo_type="dataset", private=private, token=token,
+                     commit_message=f"diffalign export-votes: {Path(parquet).name}")
