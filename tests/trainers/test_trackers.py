@@ -89,7 +89,8 @@ def test_wandb_offline_and_tensorboard_record_the_run(tiny_models, toy_pairs, tr
     (tmp_path / "wandb-dir").mkdir()
     out = tmp_path / "run"
     assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, out, "train.max_steps=2", "train.mode=lora",
-                           "train.learning_rate=1e-3", "train.report_to=[tensorboard,wandb]")) == 0
+                           "train.learning_rate=1e-3", "train.report_to=[tensorboard,wandb]", "validation.enabled=true",
+                           "validation.prompts=[a red circle]", "validation.every_n_steps=2", "validation.num_inference_steps=1")) == 0
     runs = list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     history, config = {}, {}
@@ -106,6 +107,10 @@ def test_wandb_offline_and_tensorboard_record_the_run(tiny_models, toy_pairs, tr
         assert history[row["step"]]["loss"] == row["loss"], "wandb holds the loss metrics.jsonl holds, step for step"
     assert config["train.learning_rate"] == 1e-3 and config["method.name"] == "dpo"
     assert config["model.path"] == str(tiny_models["sd15"]), "the whole config, not only method and lr"
+    assert history[2]["validation/policy/_type"] == "images/separated", "validation images reach wandb"
+    assert history[0]["validation/reference/captions"] == ["a red circle"]
+    media = runs[0].parent / "files" / "media" / "images" / "validation"
+    assert len(list(media.glob("reference_*.png"))) == 1 and len(list(media.glob("policy_*.png"))) == 2  # steps 0, 2
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
