@@ -88,10 +88,10 @@ def load_scorer(
     ``weights``: hub id or local folder (None: the reference default for that
     scorer). Unknown names raise ``KeyError`` listing the registered ones.
     """
-    # "family:variant" (openclip:ViT-H-14) is the scorer "family" with option variant="variant".
-    family, colon, variant = name.partition(":")
-    if colon and family in _REGISTRY and variant:
-        name, options = family, {**options, "variant": variant}
+    # "base:variant" (openclip:ViT-H-14) is the scorer "base" with option variant="variant".
+    base, colon, variant = name.partition(":")
+    if colon and base in _REGISTRY and variant:
+        name, options = base, {**options, "variant": variant}
     try:
         loader = _REGISTRY[name]
     except KeyError:

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # Settings a run may change between its start and a resume without becoming another run.
 RESUMABLE_TRAIN_KEYS = ("output_dir", "resume_from", "max_steps", "overwrite", "allow_resume_changes", "progress_bar",
-                        "log_every", "checkpointing_steps", "checkpoints_total_limit", "report_to")
+                        "log_every", "checkpointing_steps", "checkpoints_total_limit", "report_to",
+                        "push_to_hub", "hub_model_id", "hub_private")
 
 
 def run_record(config: TrainConfig, processes: int) -> dict[str, Any]:
@@ -41,6 +42,7 @@ def run_record(config: TrainConfig, processes: int) -> dict[str, Any]:
     for key in RESUMABLE_TRAIN_KEYS:
         payload["train"].pop(key, None)
     payload["data"].pop("num_workers", None)
+    payload.pop("validation", None)  # validation images never touch the training stream (validation.py)
     return {
         "geometry": {
             "train.batch_size": config.train.batch_size,
@@ -102,6 +104,34 @@ def changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return found
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """``train.output_dir`` must be a folder that exists or can be made: say so before any model loads.
+
+    Raises ConfigError for a path that is a file, one under a file, or one under a folder that
+    cannot be written (``/sys``, ``/proc``, a read-only mount); each message says what to choose instead.
+    """
+    key = f"train.output_dir={output_dir}"
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"{key} is a file, not a folder: choose a folder path for the run's outputs")
+    parent = output_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key}: {parent} is a file, so no folder can be made under it; choose another train.output_dir")
+    if parent.resolve().parts[1:2] in (("sys",), ("proc",), ("dev",)) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {parent} cannot be written; choose a train.output_dir in a writable folder")
+
+
+def make_output_dir(output_dir: Path) -> None:
+    """``mkdir -p``, with an OSError (permission, read-only file system, disk full) told as a ConfigError."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"train.output_dir={output_dir} cannot be created ({error.strerror or error}); choose a writable folder"
+        ) from None
+
+
 def claim_output_dir(config: TrainConfig, processes: int, resuming: bool, write: bool = True) -> dict[str, Any]:
     """Make ``train.output_dir`` this run's, before anything is written; return run.json's content.
 
@@ -111,6 +141,7 @@ def claim_output_dir(config: TrainConfig, processes: int, resuming: bool, write:
     """
     run = config.train
     output_dir = Path(run.output_dir)
+    check_output_dir(output_dir)
     if write:
         remove_staging_leftovers(output_dir)
     current = run_record(config, processes)
@@ -147,7 +178,7 @@ def claim_output_dir(config: TrainConfig, processes: int, resuming: bool, write:
         if changed and write:
             print("diffalign: resuming with changed settings (train.allow_resume_changes=true):\n  " + "\n  ".join(changed))
     if write:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(output_dir)
         with staged_file(record_path) as temporary:
             temporary.write_text(json.dumps(record, indent=2))
     return record

@@ -31,6 +31,7 @@ from diffalign.data.parquet import (
 from diffalign.data.report import SkipReport
 from diffalign.data.types import PreferenceGroup
 from diffalign.fingerprint import fingerprint
+from diffalign.hub_access import looks_like_hub_id
 
 if TYPE_CHECKING:
     import datasets
@@ -345,7 +346,10 @@ def open_pickapic(
             files = select_split_files(p, split)
             ds, origin = _open_parquet(files, p, cache_dir)
             name = p.name if len(files) > 1 else files[0].name
-    elif _HUB_ID.match(path) and not p.exists():
+    elif _HUB_ID.match(path) and looks_like_hub_id(path) and not p.exists():
+        from diffalign.hub_access import go_offline_if_unreachable
+
+        go_offline_if_unreachable()  # an unreachable hub fails at once, not after five retries per file
         try:
             ds = pick_split(datasets.load_dataset(path, split=split, cache_dir=cache_dir), split, path)
         except Exception as exc:
@@ -358,8 +362,9 @@ def open_pickapic(
         items = [[c["filename"], *(stat_entry(Path(c["filename"]))[1:])] for c in ds.cache_files]
         origin = _Origin(name, [], np.zeros(0, np.int64), [path, split, ds.info.version, items])
     else:
+        where = "" if p.is_absolute() else f" (looked for {p.resolve()})"
         raise FileNotFoundError(
-            f"{path}: no such file or directory; expected a .parquet file, a directory of "
+            f"{path}: no such local file or directory{where}; expected a .parquet file, a directory of "
             "parquet files, a datasets.save_to_disk folder, a .jsonl manifest, or a Hub id 'owner/name'"
         )
     return PickapicSource(
