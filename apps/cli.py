@@ -12,7 +12,6 @@ data set and report each bad row).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -26,7 +25,10 @@ def _train(args: argparse.Namespace) -> int:
     from diffalign.trainers.hub import HubError
     from diffalign.trainers.loop import train
 
+    from diffalign.trainers.preflight import check_run_inputs
+
     config = load_train_config(args.config, args.overrides)
+    check_run_inputs(config)  # the data, the output folder and a hub-id model, before any model loads
     try:
         train(config, reward=_scorer_reward(config.method), validation_scorer=_validation_scorer(config.validation))
     except (NonFiniteTrainingError, DiskFullError, HubError) as error:  # a failed run, not a usage error (2): the message says what to do
@@ -67,9 +69,14 @@ def _cache(args: argparse.Namespace) -> int:
     from diffalign.cache import build_cache
     from diffalign.trainers.config import load_train_config
 
+    from diffalign.config import ConfigError
+    from diffalign.trainers.preflight import check_data, check_model_path
+
     config = load_train_config(args.config, args.overrides)
     if config.data.cache_dir is None:
-        raise SystemExit("diffalign cache: set data.cache_dir (in the config or as data.cache_dir=PATH)")
+        raise ConfigError("set data.cache_dir (in the config or as data.cache_dir=PATH)")
+    check_data(config)
+    check_model_path(config.model.path, config.model.revision)
     backbone = load_backbone(config.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
@@ -93,6 +100,10 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion models with preferences.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the version and exit")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the libraries' warnings and loading bars (hidden by default)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="also hide diffalign's own progress bars and info lines")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train with a YAML recipe (also under `accelerate launch`)")
@@ -101,16 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     cache = commands.add_parser("cache", help="precompute VAE latents and text embeddings into data.cache_dir")
-    cache.add_argument("config")
-    cache.add_argument("overrides", nargs="*")
-    cache.add_argument("--batch-size", type=int, default=16)
+    cache.add_argument("config", help="the recipe the cache is for (as for train): a shipped recipe or a YAML file")
+    cache.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. data.cache_dir=PATH")
+    cache.add_argument("--batch-size", type=int, default=16, help="groups encoded per forward")
     cache.add_argument("--shard-size", type=int, default=1024, help="groups (and texts) per safetensors shard")
-    cache.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    cache.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="dtype the latents and embeddings are stored in")
     cache.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     cache.set_defaults(run=_cache)
 
     quickstart = commands.add_parser("quickstart", help="CPU demo: toy world, toy base model, Diffusion-DPO, report")
-    quickstart.add_argument("--output-dir", default="quickstart_out")
+    quickstart.add_argument("--output-dir", default="quickstart_out", help="where the run and its report go")
     quickstart.add_argument("--cache-root", default=None, help="where the toy base is cached (default ~/.cache/diffalign)")
     quickstart.add_argument("overrides", nargs="*", help="overrides for configs/quickstart.yaml")
     quickstart.set_defaults(run=_quickstart)
@@ -136,17 +147,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffalign")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+_GLOBAL_FLAGS = {"-v": "verbose", "--verbose": "verbose", "-q": "quiet", "--quiet": "quiet"}
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides and the global flags come after a command's options.
+
+    argparse gives a ``nargs="*"`` positional only the overrides before the first option, so
+    ``train sd15/dpo a=1 --verbose b=2`` used to fail with "unrecognized arguments"; leftovers that are
+    overrides join ``overrides``, global flags are applied, and anything else is one error naming it.
+    """
+    args, extras = parser.parse_known_args(argv)
+    unknown = []
+    for item in extras:
+        if item in _GLOBAL_FLAGS:
+            setattr(args, _GLOBAL_FLAGS[item], True)
+        elif hasattr(args, "overrides") and not item.startswith("-") and "=" in item:
+            args.overrides.append(item)
+        else:
+            unknown.append(item)
+    if unknown:
+        command = " ".join(part for part in (args.command, getattr(args, "data_command", None),
+                                             getattr(args, "recipes_command", None)) if part)
+        hint = "key.path=value overrides may come anywhere; each option must be one its command takes"
+        parser.exit(2, f"diffalign {command}: error: unrecognized arguments: {' '.join(unknown)} ({hint}; "
+                       f"`diffalign {command} -h` lists them)\n")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    from diffalign.apps.output import configure_output
     from diffalign.config import ConfigError
     from diffalign.data.types import NoUsableRowsError
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "diffusers", "transformers", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
+    configure_output(verbose=args.verbose, quiet=args.quiet)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError, ImportError, NoUsableRowsError) as error:
+    except (ConfigError, FileNotFoundError, NotADirectoryError, ImportError, NoUsableRowsError) as error:
         print(f"diffalign {args.command}: error: {error}", file=sys.stderr)
         return 2
 
