@@ -66,7 +66,11 @@ def _arena(args: argparse.Namespace) -> int:
     from diffalign.apps.arena.sessions import RateLimits
     from diffalign.apps.arena.sources import SourceError
     from diffalign.apps.arena.store import StoreError
+    from diffalign.apps.ports import port_problem
 
+    if (problem := port_problem(args.host, args.port)) is not None:  # before uvicorn, which exits 1 with a log line
+        print(f"diffalign arena: error: {problem}", file=sys.stderr)
+        return 2
     try:
         auth = read_auth(args.auth_file)
         limits = RateLimits(args.session_votes_per_minute, args.address_votes_per_minute, args.address_sessions_per_hour,

@@ -1,0 +1,215 @@
+"""Every mistake a user can make at the command line ends in one message that names the thing and says what to do.
+
+Each case runs ``diffalign.apps.cli.main`` in this process (a subprocess where the exit path itself is
+the subject) and checks the exit status, the words of the message and that no traceback was printed.
+The training cases also check that the mistake is found before any model loads: ``train`` itself is
+replaced by a function that fails the test.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from diffalign.apps import cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train_args(model: Path, data: str | Path, output_dir: str | Path, *extra: str) -> list[str]:
+    return [
+        "train", str(REPO / "configs/sd15/dpo.yaml"), f"model.path={model}", f"data.path={data}",
+        f"train.output_dir={output_dir}", "data.resolution=32", "train.max_steps=1", "train.batch_size=2",
+        "train.mixed_precision=no", "train.progress_bar=false", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error must be found before training (and its model loading) starts."""
+    import diffalign.trainers.loop as loop
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("train() was reached: the mistake was not caught before the models load")
+
+    monkeypatch.setattr(loop, "train", refuse)
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``main(argv)``, require exit status 2 and no traceback; return stderr."""
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    assert status == 2, captured
+    assert "Traceback" not in captured.err + captured.out
+    return captured.err
+
+
+def test_fp16_on_cpu_says_use_bf16_or_no(tiny_models, toy_pairs, tmp_path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on a GPU")
+    argv = _train_args(tiny_models["sd15"], toy_pairs, tmp_path / "run")
+    err = _error(capsys, [*argv, "train.mixed_precision=fp16"])
+    assert "train.mixed_precision=fp16 needs a GPU" in err and "train.mixed_precision=bf16" in err
+
+
+def test_empty_data_set_is_named_before_models_load(tiny_models, toy_pairs, tmp_path, capsys, no_training) -> None:
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pq.read_table(toy_pairs).slice(0, 0), empty)
+    err = _error(capsys, _train_args(tiny_models["sd15"], empty, tmp_path / "run"))
+    assert f"data.path={empty}" in err and "empty" in err and "Point data.path at" in err
+
+
+def test_missing_caption_column_is_one_line_naming_it(tiny_models, toy_pairs, tmp_path, capsys, no_training) -> None:
+    no_caption = tmp_path / "nocap.parquet"
+    pq.write_table(pq.read_table(toy_pairs).drop(["caption"]), no_caption)
+    err = _error(capsys, _train_args(tiny_models["sd15"], no_caption, tmp_path / "run"))
+    assert "missing required column 'caption'" in err and f"data.path={no_caption}" in err
+    assert "diffalign data check" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_relative_missing_data_path_is_a_local_path_not_a_hub_id(
+    tiny_models, tmp_path, capsys, monkeypatch, no_training
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    err = _error(capsys, _train_args(tiny_models["sd15"], "missing/pairs.parquet", tmp_path / "run"))
+    assert "data.path=missing/pairs.parquet: no such local file or directory" in err
+    assert str(tmp_path / "missing/pairs.parquet") in err  # where it looked
+    assert "Hub dataset" not in err  # it was never tried on the hub
+
+
+def test_output_dir_that_is_a_file(tiny_models, toy_pairs, tmp_path, capsys, no_training) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    err = _error(capsys, _train_args(tiny_models["sd15"], toy_pairs, a_file))
+    assert f"train.output_dir={a_file} is a file" in err and "choose a folder" in err
+    err = _error(capsys, _train_args(tiny_models["sd15"], toy_pairs, a_file / "run"))
+    assert f"{a_file} is a file, so no folder can be made under it" in err
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="no /sys on this system")
+def test_output_dir_under_sys(tiny_models, toy_pairs, tmp_path, capsys, no_training) -> None:
+    err = _error(capsys, _train_args(tiny_models["sd15"], toy_pairs, "/sys/diffalign-run"))
+    assert "train.output_dir=/sys/diffalign-run" in err and "cannot be written" in err
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """No hub: HF_HUB_OFFLINE set, or (param "unreachable") an endpoint that refuses connections.
+
+    Either way nothing is downloaded; huggingface_hub's offline flag is restored after the test.
+    """
+    from huggingface_hub import constants
+
+    if request.param == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:  # online as far as the settings go (conftest sets HF_HUB_OFFLINE=1 for every test); the probe must catch it
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        with socket.socket() as closed:  # a port nothing listens on: the probe is refused at once
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    return request.param
+
+
+@pytest.mark.parametrize("hub_unreachable", ["offline", "unreachable"], indirect=True)
+def test_hub_model_path_without_hub_fails_before_loading(
+    toy_pairs, tmp_path, capsys, hub_unreachable, no_training
+) -> None:
+    err = _error(capsys, _train_args("nobody-xyz/no-such-model", toy_pairs, tmp_path / "run"))  # type: ignore[arg-type]
+    assert "model.path=nobody-xyz/no-such-model: not a local folder and not in the local hub cache" in err
+    assert ("HF_HUB_OFFLINE" in err) if hub_unreachable == "offline" else ("cannot be reached" in err), err
+    assert "Pass a local diffusers pipeline folder" in err
+
+
+@pytest.mark.parametrize("hub_unreachable", ["offline", "unreachable"], indirect=True)
+def test_scorer_without_local_weights_fails_at_once(tmp_path, capsys, hub_unreachable) -> None:
+    import time
+
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a cat")
+    start = time.monotonic()
+    err = _error(capsys, ["score", str(tmp_path), "--scorer", "pickscore=nobody-xyz/no-such-weights", "--no-progress"])
+    assert time.monotonic() - start < 60  # no retries with backoff (five of them took about a minute)
+    assert "scorer 'pickscore' (weights nobody-xyz/no-such-weights): not a local path" in err
+    assert "`--scorer pickscore=PATH`" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_scorer_weights_that_are_a_missing_local_path(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a cat")
+    err = _error(capsys, ["score", str(tmp_path), "--scorer", "clipscore=./no/such/weights", "--no-progress"])
+    assert "weights ./no/such/weights: no such local file or folder" in err
+
+
+def test_arena_port_in_use(toy_arena_sources, tmp_path, capsys) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        sources = [str(path) for path in toy_arena_sources.values()][:2]
+        argv = ["arena", *(f"--source={s}" for s in sources), "--db", str(tmp_path / "votes.db"), "--port", str(port)]
+        err = _error(capsys, argv)
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "pass another --port" in err
+
+
+@pytest.mark.parametrize(
+    "argv, command",
+    [
+        (["train", "sd15/dpo", "train.max_steps=2", "--device", "cpu"], "train"),
+        (["cache", "sd15/dpo", "data.cache_dir=/tmp/x", "--bogus"], "cache"),
+        (["quickstart", "train.max_steps=2", "--no-such-option"], "quickstart"),
+        (["recipes", "show", "sd15/dpo", "train.max_steps=2", "--bogus"], "recipes show"),
+    ],
+)
+def test_unknown_option_after_overrides_names_it(argv, command, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"diffalign {command}: error: unrecognized arguments: {argv[-1] if argv[-1] != 'cpu' else '--device cpu'}" in err
+    assert f"`diffalign {command} -h` lists them" in err
+
+
+@pytest.mark.parametrize(
+    "argv, overrides",
+    [
+        (["train", "sd15/dpo", "a.b=1", "--verbose", "c.d=2"], ["a.b=1", "c.d=2"]),
+        (["cache", "sd15/dpo", "a.b=1", "--batch-size", "3", "c.d=2"], ["a.b=1", "c.d=2"]),
+        (["quickstart", "a.b=1", "--output-dir", "o", "c.d=2"], ["a.b=1", "c.d=2"]),
+        (["recipes", "show", "sd15/dpo", "a.b=1", "-q", "c.d=2"], ["a.b=1", "c.d=2"]),
+    ],
+)
+def test_overrides_and_options_in_any_order(argv, overrides) -> None:
+    args = cli.parse_arguments(cli.build_parser(), argv)
+    assert args.overrides == overrides
+    assert args.verbose or args.quiet or getattr(args, "batch_size", None) == 3 or getattr(args, "output_dir", None) == "o"
+
+
+def test_recipes_show_applies_an_override_given_after_an_option(capsys) -> None:
+    assert cli.main(["recipes", "show", "sd15/dpo", "--quiet", "train.max_steps=7"]) == 0
+    assert "  max_steps: 7  #" in capsys.readouterr().out
+
+
+def test_unknown_recipe_is_one_line(capsys) -> None:
+    err = _error(capsys, ["train", "no/such-recipe"])
+    assert "no/such-recipe" in err and "`diffalign recipes` lists them" in err
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
