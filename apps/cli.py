@@ -133,16 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     from diffalign.apps.eval_cli import add_eval_parsers
     from diffalign.apps.hub_cli import add_hub_parsers
     from diffalign.apps.recipes_cli import add_recipes_parsers
+    from diffalign.apps.reference_cli import add_reference_parsers
     from diffalign.apps.score_cli import add_score_parsers
     from diffalign.apps.tiny_cli import add_tiny_parsers
+    from diffalign.apps.toy_cli import add_toy_parsers
 
     add_tiny_parsers(commands)
+    add_toy_parsers(commands)
     add_captions_parser(commands)
     add_score_parsers(commands)
     add_eval_parsers(commands)
     add_arena_parsers(commands)
     add_data_parsers(commands)
     add_recipes_parsers(commands)
+    add_reference_parsers(commands)
     add_hub_parsers(commands)
     return parser
 

@@ -10,6 +10,7 @@ images of all G groups go through the network as one batch laid out K-major,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -150,12 +151,18 @@ def objective_step(
     groups: EncodedGroups,
     generators: list[torch.Generator],
     weight_dtype: torch.dtype | None = None,
+    reference_errors: Tensor | None = None,
 ) -> ObjectiveOutput:
-    """The whole per-batch computation every method shares."""
+    """The whole per-batch computation every method shares.
+
+    ``reference_errors`` [G, K]: the reference's errors for these groups, precomputed
+    (reference_errors.py); then the reference network is not run.
+    """
     eps, timesteps = draw_noise(groups, backbone, generators)
     policy_errors = group_errors(backbone, policy, groups, eps, timesteps)
-    reference_errors = None
-    if objective.needs_reference:
+    if reference_errors is not None:
+        reference_errors = reference_errors.to(policy_errors.device, policy_errors.dtype)
+    elif objective.needs_reference:
         if reference is None:
             raise ValueError("this method needs a reference model but none was built")
         reference_errors = group_errors(backbone, reference, groups, eps, timesteps, dtype=weight_dtype)
@@ -163,16 +170,30 @@ def objective_step(
     return objective(policy_errors, reference_errors, scores)
 
 
-class DenoisingStep:
-    """One micro-batch of data groups -> the Objective's output (every method but online PSO)."""
+class PrecomputedReference(Protocol):
+    """Reference errors [G, K] looked up by the groups' noise seeds (reference_errors.ReferenceErrors)."""
 
-    def __init__(self, backbone: Backbone, objective: Objective, resolution: int, empty_prompt_prob: float, weight_dtype: torch.dtype | None) -> None:
+    def lookup(self, noise_seeds: list[int], device: torch.device | str = "cpu") -> Tensor: ...
+
+
+class DenoisingStep:
+    """One micro-batch of data groups -> the Objective's output (every method but online PSO).
+
+    ``precomputed``: the reference's errors stored before training; the reference network is then never run.
+    """
+
+    def __init__(
+        self, backbone: Backbone, objective: Objective, resolution: int, empty_prompt_prob: float, weight_dtype: torch.dtype | None,
+        precomputed: PrecomputedReference | None = None,
+    ) -> None:
         self.backbone = backbone
         self.objective = objective
         self.resolution = resolution
         self.empty_prompt_prob = empty_prompt_prob
         self.weight_dtype = weight_dtype
+        self.precomputed = precomputed
 
     def __call__(self, policy: nn.Module, reference: Predictor | None, batch: dict) -> ObjectiveOutput:
         groups, generators = prepare_groups(self.backbone, batch, self.resolution, self.empty_prompt_prob)
-        return objective_step(self.backbone, policy, reference, self.objective, groups, generators, self.weight_dtype)
+        stored = None if self.precomputed is None else self.precomputed.lookup(batch["noise_seeds"])
+        return objective_step(self.backbone, policy, reference, self.objective, groups, generators, self.weight_dtype, stored)

@@ -1,0 +1,84 @@
+"""Precomputed reference errors (train.reference_errors): the same training as a live reference, refused when stale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.apps.cli import main
+from diffalign.trainers.metrics import read_metrics
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(output_dir / "metrics.jsonl")]
+
+
+def final_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted((output_dir / "final").rglob("*.safetensors")):
+        tensors.update({f"{file.relative_to(output_dir)}:{name}": value for name, value in load_file(file).items()})
+    return tensors
+
+
+# beta=10 and lr 1e-3: the policy moves visibly in 3 steps, while rounding between a batched (store) and a
+# per-step (live) reference forward, ~1e-7, is not amplified by the recipe's beta of 5000 (see the cache test).
+COMMON = ("method.beta=10", "train.learning_rate=1e-3", "train.scale_lr=false", "train.max_steps=3")
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_training_from_precomputed_errors_equals_the_live_reference(mode, tiny_models, toy_pairs, train_args, tmp_path, monkeypatch):
+    store = tmp_path / "reference"
+    live = train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path / "live", f"train.mode={mode}", *COMMON)
+    assert main(live) == 0
+    assert main(["reference-errors", *live[1:], "--output", str(store), "--batch-size", "5"]) == 0
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["coverage"]["groups"] == 3 * 2  # 3 steps x 2 groups: exactly what the run draws
+
+    import diffalign.trainers.models as models
+
+    def no_reference(*_, **__):
+        raise AssertionError("a run from precomputed errors must not build or run a reference network")
+
+    monkeypatch.setattr(models.FrozenCopyReference, "__init__", no_reference)
+    monkeypatch.setattr(models.AdaptersDisabledReference, "predict", no_reference)
+    stored = [arg.replace(str(tmp_path / "live"), str(tmp_path / "stored")) for arg in live]
+    assert main([*stored, f"train.reference_errors={store}"]) == 0
+
+    assert losses(tmp_path / "stored") == pytest.approx(losses(tmp_path / "live"), rel=1e-5)
+    trained, reference = final_tensors(tmp_path / "stored"), final_tensors(tmp_path / "live")
+    assert trained.keys() == reference.keys() and trained
+    for name, value in trained.items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+    accuracies = [row["implicit_acc"] for row in read_metrics(tmp_path / "stored" / "metrics.jsonl")]
+    assert accuracies == [row["implicit_acc"] for row in read_metrics(tmp_path / "live" / "metrics.jsonl")]
+
+
+def test_stale_or_short_store_is_refused_with_what_to_do(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    store = tmp_path / "reference"
+    args = train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path / "out", "train.mode=lora", *COMMON)
+    assert main(["reference-errors", *args[1:], "--output", str(store)]) == 0
+
+    # beta is not in the key: a sweep reuses one store.
+    assert main([*args, f"train.reference_errors={store}", "method.beta=20"]) == 0
+    capsys.readouterr()
+
+    assert main([*args, f"train.reference_errors={store}", "train.seed=7", "train.overwrite=true"]) == 2
+    error = capsys.readouterr().err
+    assert "stale" in error and "seed (store: 0, config: 7)" in error and "diffalign reference-errors" in error
+
+    assert main([*args, f"train.reference_errors={store}", "train.max_steps=40", "train.overwrite=true"]) == 2
+    error = capsys.readouterr().err
+    assert "cover the groups of a run of 3 steps" in error and "Recompute" in error and "Traceback" not in error
+
+
+def test_a_method_without_reference_refuses_a_store(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    args = train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path / "out", "train.max_steps=1")
+    args[1] = "sd15/mapo"
+    assert main(["reference-errors", *args[1:], "--output", str(tmp_path / "store")]) == 2
+    assert "uses no reference model" in capsys.readouterr().err
+    assert main([*args, f"train.reference_errors={tmp_path / 'store'}"]) == 2
+    assert "train.reference_errors: method mapo uses no reference model" in capsys.readouterr().err
