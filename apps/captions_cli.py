@@ -91,6 +91,6 @@ def add_captions_parser(subparsers: Any) -> None:
     captions.add_argument("--batch-size", type=int, default=16, help="pairs per batch (parquet is streamed in these)")
     captions.add_argument("--seed", type=int, default=0, help="makes perturbation and sampling reproducible")
     captions.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    captions.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    captions.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the caption and perturbation models")
     captions.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     captions.set_defaults(run=_captions)

@@ -30,12 +30,13 @@ def add_data_parsers(commands: Any) -> None:
         description="Exit status: 0 no bad rows, 1 bad rows found, 2 the data set cannot be read.",
     )
     check.add_argument("path", help="parquet file/folder, save_to_disk folder, JSONL manifest or Hub id, as data.path")
-    check.add_argument("--format", choices=["auto", "pickapic", "jsonl", "ranked"], default="auto")
-    check.add_argument("--split", default="train")
+    check.add_argument("--format", choices=["auto", "pickapic", "jsonl", "ranked"], default="auto",
+                       help="reader, as data.format ('auto' detects ranked lists and JSONL by their fields)")
+    check.add_argument("--split", default="train", help="split of a multi-split folder or hub data set, as data.split")
     check.add_argument("--keep-ties", action="store_true", help="as data.drop_ties=false: ties are rows, not skips")
     check.add_argument("--workers", type=int, default=0, help="decoding processes (0: decode in this process)")
     check.add_argument("--json", dest="json_out", default=None, help="also write the report, with the row ids per reason, here")
-    check.add_argument("--no-progress", action="store_true")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
     check.set_defaults(run=_check)
 
 

@@ -119,7 +119,7 @@ def _add_generate(commands: Any) -> None:
     generate.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     generate.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    generate.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
+    generate.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype the pipeline runs in")
     generate.add_argument(
         "--name", default=None, help="model name written in the manifest (default: from the model and weights)"
     )

@@ -28,8 +28,8 @@ def add_recipes_parsers(commands: Any) -> None:
     show.add_argument("overrides", nargs="*", help="key.path=value overrides to apply first")
     show.set_defaults(run=_show)
     copy = actions.add_parser("cp", help="copy a shipped recipe to a file to edit")
-    copy.add_argument("name")
-    copy.add_argument("destination")
+    copy.add_argument("name", help="a shipped recipe, e.g. sdxl/dpo (`diffalign recipes` lists them)")
+    copy.add_argument("destination", help="a file, or a folder to copy it into under its own name (never overwritten)")
     copy.set_defaults(run=_copy)
     recipes.set_defaults(run=_list)
 

@@ -127,7 +127,7 @@ def add_arena_parsers(commands: argparse._SubParsersAction) -> None:
                        help="a model's images: manifest.jsonl ({image, prompt, model?} rows) or a folder with one; repeat")
     arena.add_argument("--db", required=True, help="SQLite vote database (created if missing)")
     arena.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    arena.add_argument("--port", type=int, default=7860)
+    arena.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     arena.add_argument("--auth-file", default=None,
                        help=f"file of user:password lines (or set ${AUTH_ENV}); none: no login")
     arena.add_argument("--seed", type=int, default=None, help="seed of pair order and sides (default: random)")
