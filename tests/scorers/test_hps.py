@@ -334,3 +334,141 @@ def test_bf16_option(hps_folder: Path):
         atol=5e-2,
         rtol=0,
     )
+
+
+# ----------------------------------------------------------------- full size, and no hub
+
+
+FULL_SIZE = 224
+
+
+def _full_size_images() -> list[Image.Image]:
+    """Two non-square images, landscape and portrait, 224 on neither side (both are resized and padded)."""
+    rng = np.random.default_rng(7)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for (w, h) in [(300, 200), (180, 261)]]
+
+
+def _full_size_reference_pixels(image: Image.Image) -> torch.Tensor:
+    """The fork's eval transform at 224 (as ``_reference_pixels``): /255, float bicubic resize, zero pad, normalise."""
+    x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+    height, width = x.shape[1:]
+    scale = FULL_SIZE / max(width, height)
+    new_h, new_w = round(height * scale), round(width * scale)
+    x = _float_resize(x, (new_h, new_w))
+    pad_w, pad_h = FULL_SIZE - new_w, FULL_SIZE - new_h
+    return (F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0) - MEAN) / STD
+
+
+@pytest.fixture(scope="module")
+def vit_h_14() -> torch.nn.Module:
+    """open_clip's own ViT-H-14 (986M parameters) with random weights from a local seed, fp32, eval."""
+    import open_clip
+
+    with torch.random.fork_rng():  # open_clip initialises from the global RNG: seed it here only
+        torch.manual_seed(0)
+        return open_clip.create_model("ViT-H-14", pretrained=None).eval().requires_grad_(False)
+
+
+def test_full_size_vit_h_14_scores_equal_open_clips_own_forward_one_image_at_a_time(
+    vit_h_14: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``load_scorer("hpsv2.1")`` at full ViT-H-14 size, batched, equals the reference habit to 1e-5:
+    img_score.py's ``create_model("ViT-H-14")`` + ``load_state_dict(checkpoint["state_dict"])``, one
+    image per forward, ``get_tokenizer("ViT-H-14")``, ``diag(image_features @ text_features.T)``.
+
+    The reference's 4 GB state dict is handed to the loader in place of ``torch.load`` (the file is only
+    looked up), so no checkpoint is written; the loader still builds its own ViT-H-14 and loads strictly.
+    """
+    import open_clip
+    from diffalign.scorers import hps
+
+    images, prompts = _full_size_images(), ["a red circle on a blue square", "  Two DOGS &amp;amp; a cat\n"]
+    tokenizer = open_clip.get_tokenizer("ViT-H-14")
+    expected = []
+    with torch.no_grad():
+        for image, prompt in zip(images, prompts, strict=True):
+            image_features, text_features, _ = vit_h_14(_full_size_reference_pixels(image)[None], tokenizer([prompt]))
+            expected.append(torch.diagonal(image_features @ text_features.T)[0])
+
+    checkpoint = tmp_path / "HPS_v2.1_compressed.pt"
+    checkpoint.touch()
+    monkeypatch.setattr(hps, "load_hps_state_dict", lambda path, allow_pickle=False: vit_h_14.state_dict())
+    scores = load_scorer("hpsv2.1", weights=str(checkpoint)).score(images, prompts, batch_size=2)
+    torch.testing.assert_close(scores, torch.stack(expected), atol=1e-5, rtol=0)
+
+
+def test_hpsv2_loads_with_no_hub_at_all(hps_folder: Path, monkeypatch: pytest.MonkeyPatch):
+    """HF_HUB_OFFLINE=1 and every hub download raising: a local checkpoint still loads, with open_clip's
+    bundled BPE tokenizer (ids equal to transformers' CLIPTokenizer on the same BPE file)."""
+    import huggingface_hub
+    import open_clip
+
+    def no_hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the hub was asked: {args} {kwargs}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(huggingface_hub, name, no_hub)
+        monkeypatch.setattr(huggingface_hub.file_download, name, no_hub, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    scorer = load_scorer("hpsv2", weights=str(hps_folder / "HPS_v2_compressed.pt"), arch=TINY_ARCH)
+    prompts = ["a photo of a cat", "café <3 rock &amp; roll"]
+    assert isinstance(scorer.tokenizer, open_clip.SimpleTokenizer)
+    ours = scorer.tokenizer(prompts)
+    for row, ids in enumerate(build_clip_tokenizer()(["a photo of a cat", "café <3 rock & roll"])["input_ids"]):
+        assert ours[row, : len(ids)].tolist() == ids and not ours[row, len(ids) :].any()
+    images = _images(2)
+    torch.testing.assert_close(
+        scorer.score(images, prompts), _reference_scores(open_clip_state_dict(1), images, ["a photo of a cat", "café <3 rock & roll"]),
+        atol=1e-5, rtol=0,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------- against the reference transform itself
+
+
+def _hpsv2_eval_transform(size: int):
+    """The HPSv2 package's own ``image_transform(size, is_train=False, resize_longest_max=True)``.
+
+    hpsv2 cannot be a dependency (it pins pytest 7.2 and protobuf < 4), so this runs where its source
+    is present: an installed ``hpsv2`` (``pip install hpsv2 --no-deps``) or ``HPSV2_SOURCE`` pointing at
+    a folder holding the ``hpsv2`` package (an unpacked wheel). Only ``src/open_clip/transform.py`` and
+    its ``constants.py`` are loaded, by path: ``hpsv2/__init__`` pulls in network helpers.
+    """
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    root = os.environ.get("HPSV2_SOURCE")
+    if root is None:
+        spec = importlib.util.find_spec("hpsv2")
+        if spec is None or spec.origin is None:
+            pytest.skip("the hpsv2 package is not here: pip install hpsv2 --no-deps, or HPSV2_SOURCE=<unpacked wheel>")
+        root = str(Path(spec.origin).parent.parent)
+    folder = Path(root) / "hpsv2" / "src" / "open_clip"
+    package = types.ModuleType("hpsv2_reference")
+    package.__path__ = [str(folder)]
+    sys.modules.setdefault("hpsv2_reference", package)
+    for name in ("constants", "transform"):
+        spec = importlib.util.spec_from_file_location(f"hpsv2_reference.{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module.image_transform(size, is_train=False, resize_longest_max=True)
+
+
+@pytest.mark.parametrize("size", [SIZE, 224])
+def test_preprocess_equals_the_hpsv2_packages_own_eval_transform(size: int):
+    """Non-square images (both orientations, odd padding, upscaled and downscaled), square ones, greyscale
+    and palette images: identical to the reference transform's output, element for element."""
+    transform = _hpsv2_eval_transform(size)
+    rng = np.random.default_rng(size)
+    shapes = [(300, 200), (200, 301), (97, 31), (13, 40), (size, size), (size + 9, size + 9), (512, 288)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for (w, h) in shapes]
+    images.append(Image.fromarray(rng.integers(0, 256, (70, 50), dtype=np.uint8)))  # L
+    images.append(images[0].convert("P"))
+    for image in images:
+        expected = transform(image)
+        assert expected.shape == (3, size, size)
+        torch.testing.assert_close(preprocess_hps_image(image, size), expected, atol=0, rtol=0)
