@@ -1,8 +1,8 @@
 """Peer A/B: a reference training script against `diffalign train`, same work, alternating rounds.
 
     python benchmarks/peer_ab.py --peer-repo PATH/TO/diffusers --model SDXL_DIR --data pairs.parquet
-        [--method dpo|mapo] [--precision fp32 bf16] [--steps N1 N2] [--rounds R] [--threads T]
-        [--arms raw,cached] [--batch 4] [--resolution 64] [--rank 4] [--lr 1e-5]
+        [--method dpo|mapo] [--precision fp32 bf16] [--steps N] [--warmup W] [--short N1] [--rounds R]
+        [--threads T] [--arms raw,cached] [--batch 4] [--resolution 64] [--rank 4] [--lr 1e-5]
         [--diffalign-override key=value ...] [--diffalign-pre 'CMD' ...] [--json OUT] [--work DIR]
 
 The peer is run from the user's own checkout, unmodified (`--peer-repo`; nothing of it is in this
@@ -10,13 +10,16 @@ repository): diffusers' `examples/research_projects/diffusion_dpo/train_diffusio
 DPO, the official MaPO repository's `train_with_lora.py` for MaPO. Both sides get the settings of
 `peer_ab_settings.py`, printed side by side first; a mismatch stops the run.
 
-**Step time** is (T(N2) - T(N1)) / (N2 - N1), where T(N) is the wall time of a whole run of N
-steps: start-up, model loading and the first (warm-up) steps cancel, whatever each side logs.
-**End to end** is T(N2) plus every pre-command diffalign needs first (the latent cache of the
-`cached` arm, any `--diffalign-pre`). **Peak RSS** is `ru_maxrss` of the run's process tree from
-`os.wait4` (the largest resident set of the process or any child it waited for), one fresh process
-per run. Rounds alternate the order of the arms (peer, raw, cached, then cached, raw, peer, ...) so
-a drift of other load on the machine hits every arm alike; medians over rounds are reported.
+**Step time**: both training loops draw a tqdm bar ("Steps", "train"). The harness reads each
+run's output as it comes and notes when every step count first appears; the steady step time is
+(time of count N - time of count W) / (N - W), which leaves out start-up, loading, the first W
+steps and whatever a run does after its last step. `--short N1` also runs N1 steps, for the
+bar-free check (T(N) - T(N1)) / (N - N1) on whole-run wall times (noisier: start-up varies).
+**End to end** is T(N), the whole run's wall time, plus every pre-command diffalign needs first
+(the latent cache of the `cached` arm, any `--diffalign-pre`). **Peak RSS** is `ru_maxrss` from
+`os.wait4` of the run (the largest resident set of the process or any child it waited for), one
+fresh process per run. Rounds alternate the order of the arms (peer, raw, cached, then cached,
+raw, peer, ...) so a drift of other load on the machine hits every arm alike; medians over rounds.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +54,7 @@ from peer_ab_settings import (  # noqa: E402  (a sibling module of this script)
 )
 
 ARMS = ("raw", "cached")  # diffalign's arms; the peer is always the third
+PEER_BAR, OUR_BAR = "Steps", "train"  # the tqdm bars of the training loops (the peers' and `diffalign train`'s)
 GOALS = {"step": 0.5, "peak_rss": 0.8, "end_to_end": 1.0}  # issue 15: diffalign / peer must stay below
 
 
@@ -60,20 +66,35 @@ class Measured:
     peak_rss_mib: float
     returncode: int
     log: str
+    marks: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, step count shown)
 
 
 @dataclass
 class ArmRound:
-    """One arm in one round: the runs of N1 and N2 steps and the pre-commands of the round."""
+    """One arm in one round: its training run of N steps, an optional shorter run, its pre-commands."""
 
     arm: str
     round: int
-    short: Measured
     long: Measured
+    steps: int
+    warmup: int
+    short: Measured | None = None
+    short_steps: int = 0
     pre: list[Measured] = field(default_factory=list)
 
-    def step_s(self, steps: tuple[int, int]) -> float:
-        return step_time(self.short.wall_s, self.long.wall_s, steps)
+    def step_s(self) -> float:
+        """Steady seconds per step from the run's own progress bar; else from the two run lengths."""
+        timed = steady_step_time(self.long.marks, self.warmup)
+        if timed is not None:
+            return timed
+        if self.short is None:
+            raise ValueError(f"{self.arm} round {self.round}: no progress bar in {self.long.log} and no --short run")
+        return step_time(self.short.wall_s, self.long.wall_s, (self.short_steps, self.steps))
+
+    def step_s_from_lengths(self) -> float | None:
+        if self.short is None:
+            return None
+        return step_time(self.short.wall_s, self.long.wall_s, (self.short_steps, self.steps))
 
     def end_to_end_s(self) -> float:
         return self.long.wall_s + sum(item.wall_s for item in self.pre)
@@ -100,26 +121,66 @@ def arm_order(arms: list[str], round_index: int) -> list[str]:
     return list(arms) if round_index % 2 == 0 else list(reversed(arms))
 
 
-def measure(argv: list[str], env: dict[str, str], log: Path, cwd: Path, shell: bool = False) -> Measured:
-    """Run one process to its end; its wall time and the peak RSS of its process tree (os.wait4)."""
+PROGRESS = re.compile(rb"(\d+)/(\d+) \[")  # a tqdm bar: "Steps:  45%|####5     | 9/20 [00:04<..."
+
+
+def _drain(stream, log, label: bytes | None, marks: list[tuple[float, int]]) -> None:
+    """Copy the child's output to its log; note when each new count of the `label` progress bar appears."""
+    pending = b""
+    for chunk in iter(lambda: stream.read1(1 << 16), b""):
+        now = time.perf_counter()
+        log.write(chunk)
+        pending += chunk
+        *lines, pending = re.split(rb"[\r\n]", pending)
+        for line in [*lines, pending]:  # tqdm ends a bar with the next "\r": read the unfinished line too
+            if label is not None and line.lstrip().startswith(label):
+                found = PROGRESS.search(line)
+                if found and (not marks or int(found.group(1)) > marks[-1][1]):
+                    marks.append((now, int(found.group(1))))
+
+
+def measure(argv: list[str], env: dict[str, str], log: Path, cwd: Path, shell: bool = False,
+            progress: str | None = None) -> Measured:
+    """Run one process to its end: wall time, peak RSS of its process tree (os.wait4), and, when
+    `progress` names its tqdm bar ("Steps", "train"), the time each step count first appeared."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
+    marks: list[tuple[float, int]] = []
+    with log.open("wb") as out:
         started = time.perf_counter()
         process = subprocess.Popen(
-            argv if not shell else argv[0], shell=shell, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-            executable="/bin/bash" if shell else None,
+            argv if not shell else argv[0], shell=shell, env=env, cwd=cwd, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, executable="/bin/bash" if shell else None,
         )
+        reader = threading.Thread(
+            target=_drain, args=(process.stdout, out, None if progress is None else progress.encode(), marks)
+        )
+        reader.start()
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
+        reader.join()
+        process.stdout.close()
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    return Measured(wall, usage.ru_maxrss / 1024.0, process.returncode, str(log))
+    return Measured(wall, usage.ru_maxrss / 1024.0, process.returncode, str(log),
+                    [(round(at - started, 4), count) for at, count in marks])
+
+
+def steady_step_time(marks: list[tuple[float, int]], warmup: int) -> float | None:
+    """Seconds per step between the first count >= `warmup` and the last count the bar showed.
+
+    tqdm prints a count when at least 0.1 s passed since its last print, so with steps of that
+    length or more every count is seen; a skipped count only moves the interval's ends.
+    """
+    after = [(at, count) for at, count in marks if count >= warmup]
+    if len(after) < 2 or after[-1][1] == after[0][1]:
+        return None
+    return (after[-1][0] - after[0][0]) / (after[-1][1] - after[0][1])
 
 
 def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def summarise(results: list[ArmRound], steps: tuple[int, int]) -> dict[str, dict[str, float]]:
+def summarise(results: list[ArmRound]) -> dict[str, dict[str, float]]:
     """Median step time, end to end and peak RSS per arm, and every arm's ratios to the peer."""
     by_arm: dict[str, list[ArmRound]] = {}
     for result in results:
@@ -128,17 +189,22 @@ def summarise(results: list[ArmRound], steps: tuple[int, int]) -> dict[str, dict
     for arm, rounds in by_arm.items():
         summary[arm] = {
             "rounds": len(rounds),
-            "step_s": statistics.median(item.step_s(steps) for item in rounds),
+            "step_s": statistics.median(item.step_s() for item in rounds),
             "end_to_end_s": statistics.median(item.end_to_end_s() for item in rounds),
             "peak_rss_mib": statistics.median(item.peak_rss_mib() for item in rounds),
             "pre_s": statistics.median(sum(pre.wall_s for pre in item.pre) for item in rounds),
         }
+        from_lengths = [item.step_s_from_lengths() for item in rounds]
+        if all(value is not None for value in from_lengths):
+            summary[arm]["step_s_from_lengths"] = statistics.median(from_lengths)
     peer = summary.get("peer")
     if peer:
         for arm, figures in summary.items():
             figures["step_ratio"] = figures["step_s"] / peer["step_s"]
             figures["end_to_end_ratio"] = figures["end_to_end_s"] / peer["end_to_end_s"]
             figures["peak_rss_ratio"] = figures["peak_rss_mib"] / peer["peak_rss_mib"]
+            if "step_s_from_lengths" in figures and "step_s_from_lengths" in peer:
+                figures["step_ratio_from_lengths"] = figures["step_s_from_lengths"] / peer["step_s_from_lengths"]
     return summary
 
 
@@ -178,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, type=Path, help="a Pick-a-Pic-schema .parquet file")
     parser.add_argument("--method", choices=sorted(RECIPES), default="dpo")
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"])
-    parser.add_argument("--steps", nargs=2, type=int, default=(10, 20), metavar=("N1", "N2"))
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of every training run (N)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady step time (W)")
+    parser.add_argument("--short", type=int, default=0, metavar="N1",
+                        help="also run N1 < N steps per arm and round: step time from (T(N)-T(N1))/(N-N1) as a check")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of both sides")
     parser.add_argument("--arms", default="raw,cached", help="diffalign arms: raw (as is), cached (diffalign cache first)")
@@ -252,8 +321,7 @@ def fill_pre(command: str, diffalign: str, config: str, overrides: list[str], wo
 
 def run_round_arm(arm: str, round_index: int, spec_for, args, env: dict[str, str], peer: Path,
                   dataset_dir: Path, scratch: Path) -> ArmRound:
-    """Both lengths of one arm in one round (and, for diffalign, its pre-commands once)."""
-    steps = tuple(args.steps)
+    """One arm in one round: its pre-commands (diffalign), then its run of N steps (and of N1 if asked)."""
     folder = scratch / f"round{round_index}-{arm}"
     if folder.exists():
         shutil.rmtree(folder)
@@ -262,39 +330,43 @@ def run_round_arm(arm: str, round_index: int, spec_for, args, env: dict[str, str
     cache_override: list[str] = []
     recipe = RECIPES[args.method]
     if arm == "cached":
-        cache_dir = folder / "cache"
-        cache_override = [f"data.cache_dir={cache_dir}"]
-        overrides = diffalign_overrides(spec_for(steps[1]), folder / "out") + cache_override
+        cache_override = [f"data.cache_dir={folder / 'cache'}"]
+        overrides = diffalign_overrides(spec_for(args.steps), folder / "out") + cache_override
         pre.append(measure([args.diffalign, "cache", recipe, *overrides], env, folder / "cache.log", folder))
     for index, command in enumerate(args.diffalign_pre if arm != "peer" else []):
-        overrides = diffalign_overrides(spec_for(steps[1]), folder / "out") + cache_override
+        overrides = diffalign_overrides(spec_for(args.steps), folder / "out") + cache_override
         line = fill_pre(command, args.diffalign, recipe, overrides, folder)
         pre.append(measure([line], env, folder / f"pre{index}.log", folder, shell=True))
     for item in pre:
         if item.returncode != 0:
             raise SystemExit(f"peer_ab: a pre-command of arm {arm} failed (exit {item.returncode}); see {item.log}")
+    lengths = [args.steps] if not args.short else [args.short, args.steps]
     runs: dict[int, Measured] = {}
-    for steps_now in steps if round_index % 2 == 0 else reversed(steps):  # alternate which length runs first
+    for steps_now in lengths if round_index % 2 == 0 else reversed(lengths):  # alternate which length runs first
         out = folder / f"out-{steps_now}"
         if arm == "peer":
             argv = [args.python, str(peer), *peer_argv(spec_for(steps_now), dataset_dir, out)]
         else:
             argv = [args.diffalign, "train", recipe, *diffalign_overrides(spec_for(steps_now), out), *cache_override]
-        result = measure(argv, env, folder / f"train-{steps_now}.log", folder)
+        # the official MaPO script reads validation_prompts.json from the working directory: run peers in their checkout
+        cwd = args.peer_repo if arm == "peer" else folder
+        result = measure(argv, env, folder / f"train-{steps_now}.log", cwd, progress=PEER_BAR if arm == "peer" else OUR_BAR)
         if result.returncode != 0:
             raise SystemExit(f"peer_ab: {arm} run of {steps_now} steps failed (exit {result.returncode}); "
                              f"see {result.log}\n$ {shell_line(argv)}")
         shutil.rmtree(out, ignore_errors=True)
         runs[steps_now] = result
-    if arm == "cached":
-        shutil.rmtree(folder / "cache", ignore_errors=True)
-    return ArmRound(arm, round_index, runs[steps[0]], runs[steps[1]], pre)
+    shutil.rmtree(folder / "cache", ignore_errors=True)
+    return ArmRound(arm, round_index, runs[args.steps], args.steps, args.warmup,
+                    runs.get(args.short), args.short, pre)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    steps = tuple(args.steps)
-    step_time(0.0, 1.0, steps)  # refuses N2 <= N1 before anything runs
+    if args.short:
+        step_time(0.0, 1.0, (args.short, args.steps))  # refuses N1 >= N before anything runs
+    if not 0 <= args.warmup < args.steps - 1:
+        raise SystemExit(f"peer_ab: --warmup {args.warmup} must leave at least 2 timed steps of --steps {args.steps}")
     arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown:
@@ -308,11 +380,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         peer = peer_script(args.method, args.peer_repo)
     except FileNotFoundError as error:
         raise SystemExit(f"peer_ab: {error}") from None
+    args.peer_repo = args.peer_repo.resolve()
+    args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    env = child_env(args.threads, args.work.resolve())
-    rows_used = steps[1] * args.batch
-    report: dict[str, Any] = {"method": args.method, "steps": list(steps), "rounds": args.rounds,
-                              "threads": args.threads, "peer_script": str(peer), "arms": arms, "runs": {}}
+    env = child_env(args.threads, args.work)
+    rows_used = args.steps * args.batch
+    report: dict[str, Any] = {"method": args.method, "steps": args.steps, "warmup": args.warmup, "short": args.short,
+                              "rounds": args.rounds, "threads": args.threads, "peer_script": str(peer), "arms": arms,
+                              "model": str(args.model), "data": str(args.data), "runs": {}}
 
     def spec(precision: str):
         def spec_for(steps_now: int) -> ABSpec:
@@ -324,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     dataset_dir = prepare_peer_dataset(args.data, args.work, args.python, env)
     for precision in args.precision:
-        sample = spec(precision)(steps[1])
+        sample = spec(precision)(args.steps)
         rows = settings_rows(args.method, peer_argv(sample, dataset_dir, Path("OUT")),
                              diffalign_overrides(sample, Path("OUT")))
         print(f"\n## {args.method} {precision}: settings read back from both command lines\n")
@@ -333,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if bad:
             raise SystemExit("peer_ab: the two sides would not do the same work: "
                              + "; ".join(f"{row.setting}: {row.peer} vs {row.diffalign}" for row in bad))
-        print(f"\nthreads {args.threads} each; rows {rows_used}; steps {steps[0]} and {steps[1]}; rounds {args.rounds}")
+        print(f"\nthreads {args.threads} each; rows {rows_used}; {args.steps} steps (first {args.warmup} untimed)"
+              + (f" and {args.short}" if args.short else "") + f"; rounds {args.rounds}", flush=True)
         warm_files(Path(args.model), args.data)
         results: list[ArmRound] = []
         loads: list[float] = []
@@ -343,19 +419,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result = run_round_arm(arm, round_index, spec(precision), args, env, peer, dataset_dir,
                                        args.work / precision)
                 results.append(result)
-                print(f"round {round_index} {arm:6s}: T({steps[0]})={result.short.wall_s:.1f}s "
-                      f"T({steps[1]})={result.long.wall_s:.1f}s step={result.step_s(steps):.3f}s "
-                      f"e2e={result.end_to_end_s():.1f}s peak={result.peak_rss_mib():.0f}MiB load={loads[-1]:.1f}",
-                      flush=True)
+                lengths = "" if result.short is None else f" T({args.short})={result.short.wall_s:.1f}s" \
+                    f" step(lengths)={result.step_s_from_lengths():.3f}s"
+                print(f"round {round_index} {arm:6s}: step={result.step_s():.3f}s T({args.steps})={result.long.wall_s:.1f}s"
+                      f"{lengths} e2e={result.end_to_end_s():.1f}s peak={result.peak_rss_mib():.0f}MiB "
+                      f"load={loads[-1]:.1f}", flush=True)
         loads.append(load_average())
-        summary = summarise(results, steps)
+        summary = summarise(results)
         print()
         print(format_summary(summary, f"{args.method} {precision}, {args.model}: medians of {args.rounds} rounds, "
                                       f"1-min load {min(loads):.1f}-{max(loads):.1f}"))
         report["runs"][precision] = {
             "settings": [asdict(row) for row in rows],
-            "rounds": [asdict(item) | {"step_s": item.step_s(steps), "end_to_end_s": item.end_to_end_s()}
-                       for item in results],
+            "rounds": [asdict(item) | {"step_s": item.step_s(), "step_s_from_lengths": item.step_s_from_lengths(),
+                                       "end_to_end_s": item.end_to_end_s()} for item in results],
             "summary": summary,
             "load_average_1min": loads,
         }

@@ -146,13 +146,24 @@ def test_cli_refuses_a_checkout_without_the_script_before_running_anything(tmp_p
 
 
 def test_cli_refuses_lengths_that_do_not_grow(tmp_path):
+    common = ["--peer-repo", str(tmp_path), "--model", "m", "--data", "d"]
     with pytest.raises(ValueError, match="--steps 20 10"):
-        peer_ab.main(["--peer-repo", str(tmp_path), "--model", "m", "--data", "d", "--steps", "20", "10"])
+        peer_ab.main([*common, "--steps", "10", "--short", "20"])
+    with pytest.raises(SystemExit, match="--warmup 9 must leave at least 2 timed steps"):
+        peer_ab.main([*common, "--steps", "10", "--warmup", "9"])
 
 
 def test_step_time_cancels_the_fixed_cost():
     # T(N) = 30 s of start-up + N x 1.5 s: T(10) = 45, T(30) = 75  ->  (75 - 45) / 20 = 1.5
     assert peer_ab.step_time(45.0, 75.0, (10, 30)) == pytest.approx(1.5)
+
+
+def test_steady_step_time_leaves_out_the_warm_up_steps():
+    # counts 1..3 slow (loading, first steps), then 0.5 s per step; count 6 was never printed
+    marks = [(20.0, 1), (24.0, 2), (26.0, 3), (26.5, 4), (27.0, 5), (28.0, 7), (28.5, 8)]
+    assert peer_ab.steady_step_time(marks, warmup=3) == pytest.approx((28.5 - 26.0) / (8 - 3))
+    assert peer_ab.steady_step_time(marks, warmup=1) == pytest.approx((28.5 - 20.0) / (8 - 1))
+    assert peer_ab.steady_step_time(marks[:3], warmup=3) is None  # one count after the warm-up: no interval
 
 
 def test_rounds_alternate_the_order_of_the_arms():
@@ -162,24 +173,26 @@ def test_rounds_alternate_the_order_of_the_arms():
     assert peer_ab.arm_order(arms, 2) == arms
 
 
-def _run(arm, round_index, short_s, long_s, rss, pre_s=()):
+def _run(arm, round_index, step_s, long_s, rss, pre_s=(), short_s=None):
+    """An ArmRound whose progress bar shows steps 0..20 at `step_s` apart after a 10 s start."""
     measured = peer_ab.Measured
+    marks = [(10.0 + step_s * count, count) for count in range(1, 21)]
+    short = None if short_s is None else measured(short_s, rss / 2, 0, "")
     return peer_ab.ArmRound(
-        arm, round_index, measured(short_s, rss / 2, 0, ""), measured(long_s, rss, 0, ""),
-        [measured(seconds, 1.0, 0, "") for seconds in pre_s],
+        arm, round_index, measured(long_s, rss, 0, "", marks), steps=20, warmup=3, short=short, short_steps=10,
+        pre=[measured(seconds, 1.0, 0, "") for seconds in pre_s],
     )
 
 
 def test_summary_takes_medians_and_counts_pre_commands_in_end_to_end():
-    steps = (10, 20)
     results = [
         # peer: 1.0, 1.2, 3.0 s/step (median 1.2); T(20) 30, 32, 60 (median 32); RSS 1000, 1100, 1200
-        _run("peer", 0, 20.0, 30.0, 1000.0), _run("peer", 1, 20.0, 32.0, 1100.0), _run("peer", 2, 30.0, 60.0, 1200.0),
+        _run("peer", 0, 1.0, 30.0, 1000.0), _run("peer", 1, 1.2, 32.0, 1100.0), _run("peer", 2, 3.0, 60.0, 1200.0),
         # cached: 0.5, 0.6, 0.4 s/step (median 0.5); T(20) 20, 22, 18 + cache 4, 6, 5 s -> e2e 24, 28, 23 (median 24)
-        _run("cached", 0, 15.0, 20.0, 700.0, (4.0,)), _run("cached", 1, 16.0, 22.0, 800.0, (6.0,)),
-        _run("cached", 2, 14.0, 18.0, 900.0, (5.0,)),
+        _run("cached", 0, 0.5, 20.0, 700.0, (4.0,)), _run("cached", 1, 0.6, 22.0, 800.0, (6.0,)),
+        _run("cached", 2, 0.4, 18.0, 900.0, (5.0,)),
     ]
-    summary = peer_ab.summarise(results, steps)
+    summary = peer_ab.summarise(results)
     assert summary["peer"]["step_s"] == pytest.approx(1.2)
     assert summary["cached"]["step_s"] == pytest.approx(0.5)
     assert summary["cached"]["end_to_end_s"] == pytest.approx(24.0)
@@ -187,10 +200,23 @@ def test_summary_takes_medians_and_counts_pre_commands_in_end_to_end():
     assert summary["cached"]["step_ratio"] == pytest.approx(0.5 / 1.2)
     assert summary["cached"]["end_to_end_ratio"] == pytest.approx(24.0 / 32.0)
     assert summary["cached"]["peak_rss_ratio"] == pytest.approx(800.0 / 1100.0)
+    assert "step_s_from_lengths" not in summary["cached"]  # no --short run
     table = peer_ab.format_summary(summary, "t")
     assert "| cached | 0.500 | 24.0 | 5.0 | 800 | 0.42 | 0.75 | 0.73 |" in table
-    slow = peer_ab.summarise([results[0], _run("raw", 0, 20.0, 40.0, 1500.0)], steps)
+    slow = peer_ab.summarise([results[0], _run("raw", 0, 2.0, 40.0, 1500.0)])
     assert "2.00 (goal <= 0.5)" in peer_ab.format_summary(slow, "t")
+
+
+def test_a_short_run_gives_the_step_time_from_lengths_too():
+    # T(20) = 40, T(10) = 25  ->  1.5 s/step from the lengths; the bar says 1.0 and stays the primary figure
+    result = _run("raw", 0, 1.0, 40.0, 100.0, short_s=25.0)
+    assert result.step_s() == pytest.approx(1.0)
+    assert result.step_s_from_lengths() == pytest.approx(1.5)
+    no_bar = peer_ab.ArmRound("raw", 0, peer_ab.Measured(40.0, 1.0, 0, "log"), 20, 3,
+                              peer_ab.Measured(25.0, 1.0, 0, "log"), 10)
+    assert no_bar.step_s() == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="no progress bar in log and no --short run"):
+        peer_ab.ArmRound("raw", 0, peer_ab.Measured(40.0, 1.0, 0, "log"), 20, 3).step_s()
 
 
 def test_measure_reports_the_childs_peak_rss_and_exit_status(tmp_path):
@@ -202,6 +228,24 @@ def test_measure_reports_the_childs_peak_rss_and_exit_status(tmp_path):
     small = peer_ab.measure([sys.executable, "-c", "print('hi')"], {}, tmp_path / "small.txt", tmp_path)
     assert small.returncode == 0 and small.peak_rss_mib < 100
     assert (tmp_path / "small.txt").read_text() == "hi\n"
+
+
+def test_measure_notes_when_each_step_count_of_the_bar_appears(tmp_path):
+    # a tqdm-like bar on stderr ("\r", no newline until the end), 0.3 s per step; another bar is ignored
+    code = (
+        "import sys, time\n"
+        "sys.stderr.write('cache: 1/1 [00:00]\\n'); sys.stderr.flush()\n"
+        "for n in range(1, 5):\n"
+        "    time.sleep(0.3); sys.stderr.write(f'\\rtrain:  {n * 25}%|##| {n}/4 [00:0{n}<00:00, 3.3it/s]'); sys.stderr.flush()\n"
+        "sys.stderr.write('\\n')\n"
+    )
+    measured = peer_ab.measure([sys.executable, "-c", code], {}, tmp_path / "bar.txt", tmp_path, progress="train")
+    assert [count for _, count in measured.marks] == [1, 2, 3, 4]
+    gaps = [later[0] - earlier[0] for earlier, later in zip(measured.marks, measured.marks[1:])]
+    # 0.9 s of sleeps between count 1 and count 4; a busy machine may delay when the reader sees a count
+    assert 0.6 <= sum(gaps) < 6.0, gaps
+    assert peer_ab.steady_step_time(measured.marks, warmup=1) == pytest.approx(sum(gaps) / 3)
+    assert "3/4 [" in (tmp_path / "bar.txt").read_text()
 
 
 def test_pre_commands_get_the_run_settings_filled_in(tmp_path):
