@@ -56,8 +56,9 @@ def parse_scorer_specs(scorers: list[str], options: list[str] | None = None) -> 
             raise ValueError(f"--scorer {text!r}: expected NAME or NAME=WEIGHTS")
         specs.append(ScorerSpec(name, weights or None, column=name))
     for text in options or []:
-        target, _, assignment = text.partition(":")
-        key, equals, value = assignment.partition("=")
+        # NAME may hold a colon itself (openclip:ViT-H-14:batch_size=8): KEY follows the last colon before "=".
+        head, equals, value = text.partition("=")
+        target, _, key = head.rpartition(":")
         if not target or not key or not equals:
             raise ValueError(f"--scorer-option {text!r}: expected NAME:KEY=VALUE")
         matching = [s for s in specs if s.name == target]

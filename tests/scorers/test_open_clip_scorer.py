@@ -79,12 +79,15 @@ def test_a_training_checkpoint_loads_too(hps_folder: Path, tmp_path: Path):
 
 
 def test_cli_spec_openclip_arch_equals_weights(hps_folder: Path):
-    """``--scorer openclip:ARCH=WEIGHTS`` parses to the name and the weights load_scorer takes."""
+    """``--scorer openclip:ARCH=WEIGHTS`` parses to the name and the weights load_scorer takes;
+    ``--scorer-option openclip:ARCH:KEY=VALUE`` reaches it (the option's KEY follows the last colon)."""
     weights = hps_folder / OPEN_CLIP_WEIGHTS
     [spec] = parse_scorer_specs([f"openclip:{TINY_ARCH}={weights}"])
     assert (spec.name, spec.weights, spec.column) == (f"openclip:{TINY_ARCH}", str(weights), f"openclip:{TINY_ARCH}")
     scorer = load_scorer(spec.name, spec.weights, **spec.options)
-    assert scorer.name == f"openclip:{TINY_ARCH}"
+    assert scorer.name == f"openclip:{TINY_ARCH}" and scorer.batch_size == 16
+    [spec] = parse_scorer_specs([f"openclip:{TINY_ARCH}={weights}"], [f"openclip:{TINY_ARCH}:batch_size=3"])
+    assert spec.options == {"batch_size": 3} and load_scorer(spec.name, spec.weights, **spec.options).batch_size == 3
 
 
 def test_wrong_names_weights_and_files_raise_with_the_fix(hps_folder: Path, tmp_path: Path):
