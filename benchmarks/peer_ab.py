@@ -67,6 +67,17 @@ class Measured:
     returncode: int
     log: str
     marks: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, step count shown)
+    rss_trace: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, RSS MiB), sampled
+
+    def rss_phases(self) -> dict[str, float]:
+        """Highest sampled RSS before the first step, during the steps and after the last step shown."""
+        if not self.marks or not self.rss_trace:
+            return {}
+        first, last = self.marks[0][0], self.marks[-1][0]
+        phases = {"start-up": [r for t, r in self.rss_trace if t < first],
+                  "steps": [r for t, r in self.rss_trace if first <= t <= last],
+                  "after": [r for t, r in self.rss_trace if t > last]}
+        return {name: max(values) for name, values in phases.items() if values}
 
 
 @dataclass
@@ -139,6 +150,19 @@ def _drain(stream, log, label: bytes | None, marks: list[tuple[float, int]]) -> 
                     marks.append((now, int(found.group(1))))
 
 
+def _sample_rss(pid: int, started: float, trace: list[tuple[float, float]], done: threading.Event) -> None:
+    """VmRSS of the child every 0.2 s (the process itself; its own children are not summed)."""
+    status = Path(f"/proc/{pid}/status")
+    while not done.wait(0.2):
+        try:
+            text = status.read_text()
+        except OSError:
+            return
+        found = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
+        if found:
+            trace.append((round(time.perf_counter() - started, 3), int(found.group(1)) / 1024.0))
+
+
 def measure(argv: list[str], env: dict[str, str], log: Path, cwd: Path, shell: bool = False,
             progress: str | None = None) -> Measured:
     """Run one process to its end: wall time, peak RSS of its process tree (os.wait4), and, when
@@ -155,13 +179,19 @@ def measure(argv: list[str], env: dict[str, str], log: Path, cwd: Path, shell: b
             target=_drain, args=(process.stdout, out, None if progress is None else progress.encode(), marks)
         )
         reader.start()
+        trace: list[tuple[float, float]] = []
+        sampled = threading.Event()
+        sampler = threading.Thread(target=_sample_rss, args=(process.pid, started, trace, sampled))
+        sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
+        sampled.set()
+        sampler.join()
         reader.join()
         process.stdout.close()
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     return Measured(wall, usage.ru_maxrss / 1024.0, process.returncode, str(log),
-                    [(round(at - started, 4), count) for at, count in marks])
+                    [(round(at - started, 4), count) for at, count in marks], trace)
 
 
 def steady_step_time(marks: list[tuple[float, int]], warmup: int) -> float | None:
@@ -421,9 +451,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results.append(result)
                 lengths = "" if result.short is None else f" T({args.short})={result.short.wall_s:.1f}s" \
                     f" step(lengths)={result.step_s_from_lengths():.3f}s"
+                phases = " ".join(f"{name}={value:.0f}" for name, value in result.long.rss_phases().items())
                 print(f"round {round_index} {arm:6s}: step={result.step_s():.3f}s T({args.steps})={result.long.wall_s:.1f}s"
                       f"{lengths} e2e={result.end_to_end_s():.1f}s peak={result.peak_rss_mib():.0f}MiB "
-                      f"load={loads[-1]:.1f}", flush=True)
+                      f"(sampled RSS MiB: {phases}) load={loads[-1]:.1f}", flush=True)
         loads.append(load_average())
         summary = summarise(results)
         print()

@@ -221,10 +221,14 @@ def test_a_short_run_gives_the_step_time_from_lengths_too():
 
 def test_measure_reports_the_childs_peak_rss_and_exit_status(tmp_path):
     # the child holds 200 MiB of touched memory; the parent's own memory must not count
-    code = "import sys; block = bytearray(200 * 1024 * 1024); block[::4096] = b'x' * len(block[::4096]); sys.exit(3)"
+    code = (
+        "import sys, time; block = bytearray(200 * 1024 * 1024); block[::4096] = b'x' * len(block[::4096]); "
+        "time.sleep(1.0); sys.exit(3)"
+    )
     measured = peer_ab.measure([sys.executable, "-c", code], {}, tmp_path / "log.txt", tmp_path)
     assert measured.returncode == 3
     assert 200 <= measured.peak_rss_mib < 400
+    assert 200 <= max(rss for _, rss in measured.rss_trace) <= measured.peak_rss_mib  # sampled while it slept
     small = peer_ab.measure([sys.executable, "-c", "print('hi')"], {}, tmp_path / "small.txt", tmp_path)
     assert small.returncode == 0 and small.peak_rss_mib < 100
     assert (tmp_path / "small.txt").read_text() == "hi\n"
@@ -254,3 +258,12 @@ def test_pre_commands_get_the_run_settings_filled_in(tmp_path):
         "/venv/bin/diffalign", "sdxl/dpo", ["model.path=/a b", "train.batch_size=4"], tmp_path,
     )
     assert line == f"/venv/bin/diffalign reference precompute sdxl/dpo 'model.path=/a b' train.batch_size=4 --out {tmp_path}/ref"
+
+
+def test_rss_phases_split_the_trace_at_the_first_and_last_step():
+    measured = peer_ab.Measured(
+        10.0, 900.0, 0, "", marks=[(4.0, 1), (6.0, 2), (8.0, 3)],
+        rss_trace=[(1.0, 300.0), (3.9, 900.0), (5.0, 700.0), (8.0, 750.0), (9.0, 400.0)],
+    )
+    assert measured.rss_phases() == {"start-up": 900.0, "steps": 750.0, "after": 400.0}
+    assert peer_ab.Measured(1.0, 1.0, 0, "").rss_phases() == {}
