@@ -145,14 +145,32 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe(path: str, split: str) -> str:
+    """How to name the pairs read: a single file has no splits, so only a folder or hub id names its split."""
+    return str(path) if Path(path).expanduser().is_file() else f"{path} [{split}]"
+
+
+def _shared_rows(first: Any, second: Any) -> int:
+    """How many row ids two opened sources share (row ids name their file or split, so different data share none)."""
+    ids = {first.row_id(i) for i in range(len(first))}
+    return sum(second.row_id(i) in ids for i in range(len(second)))
+
+
 def _score_pairs(args: argparse.Namespace) -> int:
-    """Tune the tie threshold on one split (unless ``--threshold``), report preference accuracy on another."""
-    from diffalign.scorers.preference import evaluate_preference, score_pairs
+    """Report preference accuracy honestly: tuned on other pairs, k-fold cross-validated, or at a given threshold.
+
+    Two sets of pairs that share no row: tune on one, report on the other (PickScore's protocol). One set
+    (a single file, or --tune-split/--tune-data naming the same rows): k-fold cross-validation, so no pair
+    is scored by a threshold chosen on it. Rows shared only in part are refused: that would leak.
+    """
+    from diffalign.scorers.preference import cross_validate_preference, evaluate_preference, score_pairs
 
     from diffalign.data.report import SkipReport
     from diffalign.data.sources import open_preference_source
 
     reports = {"tune": SkipReport(), "eval": SkipReport()}
+    eval_where = _describe(args.data, args.eval_split)
+    tune_where = _describe(args.tune_data or args.data, args.tune_split)
     try:
         specs = parse_scorer_specs(args.scorer, args.scorer_option)
         candidates = [float(t) for t in args.thresholds.split(",")]
@@ -163,29 +181,49 @@ def _score_pairs(args: argparse.Namespace) -> int:
             )
 
         eval_source = open_split(args.data, args.eval_split, "eval")
-        tune_source = None if args.threshold is not None else open_split(
-            args.tune_data or args.data, args.tune_split, "tune"
-        )
+        tune_source, protocol = None, "given"
+        if args.threshold is None:
+            tune_source, protocol = open_split(args.tune_data or args.data, args.tune_split, "tune"), "split"
+            shared = _shared_rows(tune_source, eval_source)
+            if shared and shared == len(eval_source) == len(tune_source):
+                tune_source, protocol = None, "cross-validation"
+            elif shared:
+                raise ValueError(
+                    f"the tuning pairs ({tune_where}) and the evaluation pairs ({eval_where}) share {shared} rows: "
+                    "give disjoint splits (--tune-split/--eval-split, --tune-data), or one set of pairs alone to "
+                    "cross-validate on it"
+                )
         scorers = _load_scorers(specs, args.device, args.dtype)
         options = {"batch_size": args.batch_size, "progress": not args.no_progress}
         tune = None if tune_source is None else score_pairs(tune_source, scorers, report=reports["tune"], **options)
         evaluated = score_pairs(eval_source, scorers, report=reports["eval"], **options)
-        results = evaluate_preference(
-            evaluated, tune, threshold=args.threshold, candidates=candidates, logit_scale=args.logit_scale
-        )
+        scale = {"candidates": candidates, "logit_scale": args.logit_scale}
+        if protocol == "cross-validation":
+            results = cross_validate_preference(evaluated, args.folds, **scale)
+        else:
+            results = evaluate_preference(evaluated, tune, threshold=args.threshold, **scale)
     except (ValueError, KeyError) as error:
         return _fail("score-pairs", error)
+    pairs = len(evaluated.labels)
+    if protocol == "split":
+        print(f"score-pairs: threshold tuned on {len(tune.labels)} pairs of {tune_where}, "  # type: ignore[union-attr]
+              f"accuracy reported on {pairs} pairs of {eval_where}")
+    elif protocol == "cross-validation":
+        print(f"score-pairs: one set of pairs ({eval_where}): {args.folds}-fold cross-validation on its {pairs} pairs "
+              f"(each fold scored at a threshold tuned on the other {args.folds - 1} folds)")
+    else:
+        print(f"score-pairs: threshold {args.threshold:g} given (not tuned); accuracy on {pairs} pairs of {eval_where}")
     for column, result in results.items():
-        where = (
-            f"tuned on {args.tune_split} ({result.tune_pairs} pairs, accuracy {result.tune_accuracy:.2%})"
-            if result.tuned
-            else "given"
-        )
-        print(
-            f"{column}: preference accuracy {result.accuracy:.2%} on {args.eval_split} ({result.pairs} pairs, "
-            f"{result.label_ties} tied labels, {result.predicted_ties} predicted ties); threshold {result.threshold:g} {where}"
-        )
-        if result.tuned:
+        counts = f"{result.pairs} pairs, {result.label_ties} tied labels, {result.predicted_ties} predicted ties"
+        if protocol == "split":
+            how = f"threshold {result.threshold:g} tuned on {tune_where} (accuracy there {result.tune_accuracy:.2%})"
+        elif protocol == "cross-validation":
+            how = (f"fold thresholds {', '.join(f'{t:g}' for t in result.fold_thresholds)} "
+                   f"(mean tuning accuracy {result.tune_accuracy:.2%})")
+        else:
+            how = f"threshold {result.threshold:g} given"
+        print(f"{column}: preference accuracy {result.accuracy:.2%} ({counts}); {how}")
+        if protocol == "split":
             print("  " + ", ".join(f"{t:g}: {a:.2%}" for t, a in result.tune_accuracies.items()))
     for which, report in reports.items():
         if tune_source is not None or which == "eval":
@@ -194,8 +232,12 @@ def _score_pairs(args: argparse.Namespace) -> int:
         _write_json(
             args.summary_json,
             {
+                "protocol": protocol,
+                "eval_data": eval_where,
                 "eval_split": args.eval_split,
-                "tune_split": None if args.threshold is not None else args.tune_split,
+                "tune_data": tune_where if protocol == "split" else None,
+                "tune_split": args.tune_split if protocol == "split" else None,
+                "folds": args.folds if protocol == "cross-validation" else None,
                 "logit_scale": args.logit_scale,
                 "scorers": {column: result.to_dict() for column, result in results.items()},
                 "skipped": {which: report.to_dict() for which, report in reports.items()},
@@ -253,7 +295,8 @@ def add_score_parsers(subparsers: Any) -> None:
             "Score both images of every pair (ties kept), predict a tie when |p0 - p1| <= threshold with "
             "(p0, p1) = softmax(logit_scale * scores), credit 1 for agreement, 0.5 when exactly one of prediction "
             "and label is a tie, 0 otherwise. The threshold is tuned on --tune-split (unless --threshold) and the "
-            "accuracy reported on --eval-split."
+            "accuracy reported on --eval-split. When both name the same rows (a single file has no splits), the "
+            "accuracy is k-fold cross-validated instead (--folds): a threshold never scores the pairs it was tuned on."
         ),
     )
     pairs.add_argument("data", metavar="DATA", help="Pick-a-Pic-style parquet file/folder, save_to_disk folder or JSONL")
@@ -271,4 +314,8 @@ def add_score_parsers(subparsers: Any) -> None:
         help="scores are multiplied by this before the softmax (PickScore's are logits already: 1)",
     )  # fmt: skip
     pairs.add_argument("--max-pairs", type=int, default=None, help="use only the first N pairs of each split")
+    pairs.add_argument(
+        "--folds", type=int, default=5,
+        help="when the tuning and evaluation pairs are the same rows (one file): k of the k-fold cross-validation",
+    )  # fmt: skip
     pairs.set_defaults(run=_score_pairs)
