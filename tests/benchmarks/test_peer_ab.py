@@ -228,7 +228,7 @@ def test_measure_reports_the_childs_peak_rss_and_exit_status(tmp_path):
     measured = peer_ab.measure([sys.executable, "-c", code], {}, tmp_path / "log.txt", tmp_path)
     assert measured.returncode == 3
     assert 200 <= measured.peak_rss_mib < 400
-    assert 200 <= max(rss for _, rss in measured.rss_trace) <= measured.peak_rss_mib  # sampled while it slept
+    assert 200 <= max(rss for _, rss in measured.rss_trace) < 400  # sampled while it slept
     small = peer_ab.measure([sys.executable, "-c", "print('hi')"], {}, tmp_path / "small.txt", tmp_path)
     assert small.returncode == 0 and small.peak_rss_mib < 100
     assert (tmp_path / "small.txt").read_text() == "hi\n"
