@@ -95,3 +95,20 @@ def test_enabled_without_prompts_is_a_config_error(tiny_models, toy_pairs, train
     args = train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path, "validation.enabled=true", "validation.prompts=[]")
     with pytest.raises(ConfigError, match=r"validation.enabled=true needs validation.prompts"):
         load_train_config(args[1], args[2:])
+
+
+@pytest.mark.parametrize(("family", "method"), [("sdxl", "dpo"), ("sd3", "dpo"), ("sd15", "mapo")])
+def test_every_family_samples_guided_grids(family, method, tiny_models, toy_pairs, train_args, tmp_path):
+    """SDXL's time ids and pooled embeddings, SD3's flow sampler, MaPO without a reference (its reference grid is
+    the policy before the first step): guided grids of the right size, the untrained LoRA policy's equal to the
+    reference's."""
+    out = tmp_path / "run"
+    args = train_args(family, tiny_models[family], toy_pairs, out, "train.mode=lora", "train.max_steps=1",
+                      "train.report_to=none", *VALIDATION[:4], "validation.seeds=[0]", "validation.num_inference_steps=2",
+                      "validation.guidance_scale=3.0")
+    args[1] = str(Path(args[1]).with_name(f"{method}.yaml"))
+    assert main(args) == 0
+    reference = pixels(out / "validation" / "reference.png")
+    assert reference.shape == (2 * 32, 32, 3)
+    assert np.array_equal(pixels(out / "validation" / "step-000000.png"), reference)
+    assert (out / "validation" / "step-000001.png").is_file()
