@@ -236,9 +236,8 @@ def build_blocks(arena: Arena, signer: SessionSigner, options: PageOptions = Pag
                 "left_model": result.left_model, "right_model": result.right_model}
 
     with gr.Blocks(title="diffalign arena") as demo:
-        gr.Markdown("# diffalign arena\nWhich image fits the prompt better? Models are hidden until you vote. "
-                    "Keys: **1** / ← left, **2** / → right, **3** / t tie, **4** / b both bad"
-                    + (", **Space** / n next." if options.reveal == "next" else "."))
+        gr.Markdown("## diffalign arena · which image fits the prompt better? Models are hidden until you vote.",
+                    elem_id="arena-title")
         with gr.Tab("Vote"):
             prompt = gr.Markdown(elem_id="arena-prompt")
             sides = {}
@@ -257,6 +256,8 @@ def build_blocks(arena: Arena, signer: SessionSigner, options: PageOptions = Pag
                                         min_width=120)
             revealed = gr.Markdown(elem_id="arena-reveal")
             progress = gr.Markdown(elem_id="arena-progress")
+            gr.Markdown("Keys: **1** / ← left, **2** / → right, **3** / t tie, **4** / b both bad"
+                        + (", **Space** / n next." if options.reveal == "next" else "."), elem_id="arena-keys")
             token = gr.Textbox(visible=False, max_length=MAX_TOKEN_CHARS, elem_id="arena-token")
         with gr.Tab("Leaderboard"):
             refresh = gr.Button("Refresh", elem_id="leaderboard-refresh")

@@ -57,7 +57,7 @@ def display_image(image: PIL.Image.Image, display_size: int = DEFAULT_DISPLAY_SI
     return image.resize(size, resample)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # the recent images: ~100 MB at most for 1024 px PNGs, far less for small ones
 def display_png(path: Path, display_size: int, upscale: str, mtime_ns: int) -> bytes:
     """The PNG bytes (pixels only, no metadata) of the image at ``path`` as displayed; cached per file version."""
     del mtime_ns  # part of the cache key only: an edited file is read again

@@ -109,6 +109,7 @@ NARROW_CSS = """
   #arena-left .image-frame, #arena-right .image-frame,
   #arena-left .image-container > button, #arena-right .image-container > button { height: auto !important; }
   #arena-left img, #arena-right img { width: 100%; height: auto !important; max-height: 80vh; object-fit: contain; }
+  #arena-title h2 { font-size: 1.1em; }
 }
 """
 
@@ -118,7 +119,8 @@ def page_css(options: PageOptions) -> str:
 
     With ``nearest`` the browser keeps scaled pixel art crisp too, should it scale the image again.
     """
-    css = (f".{CAPTION_CLASS} {{ min-height: 2.4em; padding: 0 0.5em; border-radius: 8px; }}\n"
+    css = (f".{CAPTION_CLASS} {{ min-height: 1.8em; padding: 0 0.5em; border-radius: 8px; }}\n"
+           f".{CAPTION_CLASS} h3, #arena-prompt h3, #arena-title h2 {{ margin: 0.2em 0; }}\n"
            f".{PICKED_CLASS} {{ background: #dcfce7; outline: 2px solid #16a34a; }}\n" + NARROW_CSS)
     if options.upscale == "nearest":
         css += "#arena-left img, #arena-right img { image-rendering: pixelated; }\n"

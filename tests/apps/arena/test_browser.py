@@ -1,6 +1,6 @@
 """The arena in a real browser: headless Chromium (Debian's package) driven by Playwright.
 
-At a laptop width (1440x900) it votes by click and by key, checks the images are shown at least
+At a laptop width (1440x900, and 1366x768 for the image size) it votes by click and by key, checks the images are shown at least
 512 px tall, the model names appear only after the vote (under each image, until Next) and both
 votes are stored. At a phone width (390x844) it checks the stacked layout keeps "Left" under the
 left image, the pause mode's reveal, and the leaderboard's CSV download. Screenshots of each
@@ -30,6 +30,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 DESKTOP = {"width": 1440, "height": 900}
+SMALL_LAPTOP = {"width": 1366, "height": 768}
 PHONE = {"width": 390, "height": 844}
 
 
@@ -98,6 +99,13 @@ def test_desktop_layout_reveal_until_next_and_votes_by_click_and_key(browser, to
     assert left_image["x"] <= centre_x(left_button) <= left_image["x"] + left_image["width"]
     assert right_image["x"] <= centre_x(right_button) <= right_image["x"] + right_image["width"]
     screenshot(page, tmp_path, "desktop-1440x900-before-vote")
+    page.set_viewport_size(SMALL_LAPTOP)
+    assert min(drawn_height(page, f"#arena-{side} img") for side in ("left", "right")) >= 512, "and on 1366x768"
+    for button in ("#vote-left", "#vote-right"):
+        found = box(page, button)
+        assert found["y"] + found["height"] <= SMALL_LAPTOP["height"], f"{button} visible without scrolling: {found}"
+    screenshot(page, tmp_path, "laptop-1366x768-before-vote")
+    page.set_viewport_size(DESKTOP)
 
     page.locator("#vote-left").click()
     left_caption, right_caption = page.locator("#arena-left-caption"), page.locator("#arena-right-caption")
