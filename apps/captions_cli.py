@@ -17,6 +17,7 @@ __all__ = ["add_captions_parser"]
 
 def _captions(args: argparse.Namespace) -> int:
     """Run :func:`diffalign.captioning.dataset.add_dual_captions`; print the output path and what was skipped."""
+    from diffalign.apps.output import show_progress
     from diffalign.captioning.dataset import CaptionStats, add_dual_captions
     from diffalign.captioning.strategies import CaptionSettings
     from diffalign.data.report import SkipReport
@@ -48,6 +49,7 @@ def _captions(args: argparse.Namespace) -> int:
             report=report,
             stats=stats,
             overwrite=args.overwrite,
+            progress=show_progress(not args.no_progress),
         )
     except (ValueError, KeyError, FileExistsError) as error:  # bad arguments or paths: a message, not a traceback
         print(f"diffalign captions: error: {error}", file=sys.stderr)
@@ -93,4 +95,5 @@ def add_captions_parser(subparsers: Any) -> None:
     captions.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     captions.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the caption and perturbation models")
     captions.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
+    captions.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
     captions.set_defaults(run=_captions)

@@ -63,6 +63,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _rank(args: argparse.Namespace) -> int:
     """Write RankDPO ranked lists (and best-vs-worst pairs); print what was written and skipped."""
+    from diffalign.apps.output import show_progress
     from diffalign.apps.rank import parse_scorer_spec, rank_sources
 
     from diffalign.data.report import SkipReport
@@ -72,6 +73,7 @@ def _rank(args: argparse.Namespace) -> int:
         stats = rank_sources(
             args.source, [parse_scorer_spec(spec) for spec in args.scorer], args.out, pairs_out=args.pairs_out,
             batch_size=args.batch_size, device=args.device, dtype=args.dtype, report=report,
+            progress=show_progress(not args.no_progress),
         )  # fmt: skip
     except _USER_ERRORS as error:
         return _fail("rank", error)
@@ -165,6 +167,7 @@ def _add_rank(commands: Any) -> None:
     rank.add_argument("--batch-size", type=int, default=16, help="images per scorer forward")
     rank.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     rank.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="scorer dtype")
+    rank.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
     rank.set_defaults(run=_rank)
 
 

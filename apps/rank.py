@@ -187,8 +187,12 @@ def rank_sources(
     device: str | None = None,
     dtype: str = "fp32",
     report: SkipReport,
+    progress: bool = False,
 ) -> RankStats:
-    """Score k sources' images with n scorers and write the ranked file (and the pairs), atomically."""
+    """Score k sources' images with n scorers and write the ranked file (and the pairs), atomically.
+
+    ``progress``: a bar over the prompts' lists on stderr (scoring k images per prompt with n models is slow).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -211,7 +215,10 @@ def rank_sources(
     labels = _labels(scorers)
     ranked_schema, pairs_schema = _schemas(labels)
     stats = RankStats()
+    from tqdm.auto import tqdm
+
     with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(lists), unit="list", desc="rank", disable=not progress))
         ranked_tmp = stack.enter_context(staged_file(out))
         pairs_tmp = stack.enter_context(staged_file(pairs_out)) if pairs_out is not None else None
         ranked_writer = stack.enter_context(pq.ParquetWriter(ranked_tmp, ranked_schema, compression="none"))
@@ -219,6 +226,7 @@ def rank_sources(
             stack.enter_context(pq.ParquetWriter(pairs_tmp, pairs_schema, compression="none")) if pairs_tmp else None
         )
         for chunk in _chunks(lists, k):
+            bar.update(len(chunk))
             kept = []
             for item in chunk:
                 got = _read_list(item, report)

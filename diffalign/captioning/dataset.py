@@ -79,8 +79,16 @@ class _Pending:
 class _Captioning:
     """Runs a strategy over batches of pending rows, recording every row it drops."""
 
-    def __init__(self, strategy: CaptionStrategy, seed: int, report: SkipReport, stats: CaptionStats) -> None:
+    def __init__(
+        self, strategy: CaptionStrategy, seed: int, report: SkipReport, stats: CaptionStats, bar: Any = None
+    ) -> None:
         self.strategy, self.seed, self.report, self.stats = strategy, seed, report, stats
+        self.bar = bar  # a tqdm bar over input rows, or None
+
+    def advance(self, rows: int) -> None:
+        """``rows`` more input rows are done (written or skipped)."""
+        if self.bar is not None:
+            self.bar.update(rows)
 
     def captions(self, rows: Sequence[_Pending], source: str) -> list[tuple[str, str] | None]:
         """``(caption of image 0, caption of image 1)`` per row in row order; None for a dropped row."""
@@ -135,6 +143,7 @@ def add_dual_captions(
     report: SkipReport | None = None,
     stats: CaptionStats | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write ``input_path``'s pairs plus a caption per image to ``output_path``; return ``output_path``.
 
@@ -151,6 +160,7 @@ def add_dual_captions(
     The output appears atomically; it may never be, contain or lie inside the
     input, and an existing output is replaced only with ``overwrite``.
     ``stats`` (optional) receives ties and rows the perturber could not change.
+    ``progress``: a bar over the input rows on stderr (a model captions a few rows a second).
     """
     src, dst = Path(input_path).expanduser(), Path(output_path).expanduser()
     if batch_size < 1:
@@ -164,7 +174,32 @@ def add_dual_captions(
         check_pickapic_schemas(files)  # a missing column fails now, before any model loads
     chosen = build_strategy(strategy, settings) if isinstance(strategy, str) else strategy
     report = report if report is not None else SkipReport()
-    run = _Captioning(chosen, seed, report, stats if stats is not None else CaptionStats())
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=_count_rows(src, files, kind), unit="pair", desc="captions") if progress else None
+    run = _Captioning(chosen, seed, report, stats if stats is not None else CaptionStats(), bar)
+    try:
+        _caption_all(src, dst, kind, files, batch_size, run)
+    finally:
+        if bar is not None:
+            bar.close()
+    # The caller prints the summary (the CLI does, once); a log line here printed it a second time.
+    logger.debug("diffalign captions: %s -> %s: %s", src, dst, run.stats.summary())
+    return dst
+
+
+def _count_rows(src: Path, files: list[Path], kind: str) -> int:
+    """Input rows, for the progress bar: parquet footers, or the manifest's non-blank lines."""
+    if kind == "jsonl":
+        with src.open("r", encoding="utf-8") as lines:
+            return sum(1 for line in lines if line.strip())
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _caption_all(src: Path, dst: Path, kind: str, files: list[Path], batch_size: int, run: _Captioning) -> None:
+    """Caption every input file into ``dst``, which appears atomically."""
     if kind == "folder":
         with staged_folder(dst) as stage:
             for f in files:
@@ -177,8 +212,6 @@ def add_dual_captions(
                 _caption_jsonl(src, tmp, dst.parent, batch_size, run)
             else:
                 _caption_parquet(src, tmp, src.name, batch_size, run)
-    logger.info("diffalign captions: %s -> %s: %s", src, dst, run.stats.summary())
-    return dst
 
 
 def _input_kind(src: Path) -> str:
@@ -227,6 +260,7 @@ def _caption_parquet(src: Path, out: Path, label: str, batch_size: int, run: _Ca
             columns = [table.column(f.name) for f in fields]
             columns += [pa.array([c[side] for c in written], pa.string()) for side in (0, 1)]
             writer.write_table(pa.Table.from_arrays(columns, schema=out_schema))
+            run.advance(batch.num_rows)
 
 
 def _parquet_rows(table: Any, label: str, offset: int, report: SkipReport) -> tuple[list[_Pending], list[int]]:
@@ -290,6 +324,7 @@ def _caption_jsonl(src: Path, out: Path, out_dir: Path, batch_size: int, run: _C
                 run.report.record(src.name, row_id, err.reason)
             if len(pending) >= batch_size:
                 flush(fh)
+            run.advance(1)
         flush(fh)
 
 
