@@ -221,21 +221,12 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None, validation_sco
         )
     metrics_writer = MetricsWriter(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process, truncate_after=step)
     window = MetricWindow()
-    validator = None
-    if config.validation.prompts and not config.validation.active(accelerator.device.type) and accelerator.is_main_process:
-        print(f"diffalign: validation images are off on the {accelerator.device.type} (validation.enabled="
-              f"{config.validation.enabled}); validation.enabled=true samples them anyway")
-    if config.validation.active(accelerator.device.type) and accelerator.is_main_process:
-        validator = Validator(config.validation, config.data.resolution, backbone, output_dir, setup.weight_dtype, validation_scorer)
-        if step == 0:  # the base model, before any update: the reference (MaPO has none: the policy at step 0 is the base)
-            network = accelerator.unwrap_model(policy)
-            scores = validator.run(
-                accelerator, network if reference is None else reference, None, None if reference is None else setup.weight_dtype
-            )
-            scores.update(validator.run(accelerator, network, 0))
-            if scores:
-                accelerator.log(scores, step=0)
-                metrics_writer.write(0, scores)
+    validator = Validator.for_run(config, accelerator, backbone, setup.weight_dtype, validation_scorer)
+    if validator is not None and step == 0:  # the base model once, before any update (not again on resume)
+        scores = validator.before_training(accelerator, accelerator.unwrap_model(policy), reference)
+        if scores:
+            accelerator.log(scores, step=0)
+            metrics_writer.write(0, scores)
     progress = tqdm(
         total=run.max_steps, initial=step, desc="train", disable=not (run.progress_bar and accelerator.is_local_main_process)
     )

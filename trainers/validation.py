@@ -26,7 +26,7 @@ from diffalign.backbones import Backbone, Conditioning
 from diffalign.prediction import Network, predict
 from diffalign.sampling import generate_images, sampling_conditioning, to_pil
 
-from .config import ValidationSection
+from .config import TrainConfig, ValidationSection
 from .trackers import log_images
 
 Scorer = Callable[[list[PIL.Image.Image], list[str]], Any]  # -> [N] scores, higher is better
@@ -75,6 +75,30 @@ class Validator:
         # Row-major grid: one row per prompt, one column per seed.
         self.prompts = [prompt for prompt in section.prompts for _ in section.seeds]
         self.seeds = [seed for _ in section.prompts for seed in section.seeds]
+
+    @classmethod
+    def for_run(
+        cls, config: TrainConfig, accelerator: Any, backbone: Backbone, weight_dtype: torch.dtype, scorer: Scorer | None
+    ) -> Validator | None:
+        """The run's validator on the main process when ``validation`` is active on this device, else None."""
+        section, device = config.validation, accelerator.device.type
+        if not accelerator.is_main_process:
+            return None
+        if section.prompts and not section.active(device):
+            print(f"diffalign: validation images are off on the {device} (validation.enabled={section.enabled}); "
+                  "validation.enabled=true samples them anyway")
+        if not section.active(device):
+            return None
+        return cls(section, config.data.resolution, backbone, Path(config.train.output_dir), weight_dtype, scorer)
+
+    def before_training(self, accelerator: Any, policy: nn.Module, reference: Network | None) -> dict[str, float]:
+        """The reference's grid, then the policy's at step 0. Reference-free methods (MaPO): the policy before
+        its first update is the base model, so it stands in for the reference."""
+        if reference is None:
+            scores = self.run(accelerator, policy, None)
+        else:  # a frozen copy is held in the weight dtype: cast its inputs (predict's dtype)
+            scores = self.run(accelerator, reference, None, self.weight_dtype)
+        return scores | self.run(accelerator, policy, 0)
 
     def due(self, step: int, max_steps: int) -> bool:
         return step % self.section.every_n_steps == 0 or step == max_steps
