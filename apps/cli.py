@@ -57,9 +57,13 @@ def _validation_scorer(validation):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if validation.scorer is None or not validation.active(device):
         return None
+    from diffalign.config import ConfigError
     from diffalign.scorers import load_scorer
 
-    return load_scorer(validation.scorer, weights=validation.scorer_weights, device=device).score
+    try:
+        return load_scorer(validation.scorer, weights=validation.scorer_weights, device=device).score
+    except KeyError as error:  # an unknown name: the message lists the registered scorers
+        raise ConfigError(f"validation.scorer: {error.args[0]}") from None
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -112,3 +112,11 @@ def test_every_family_samples_guided_grids(family, method, tiny_models, toy_pair
     assert reference.shape == (2 * 32, 32, 3)
     assert np.array_equal(pixels(out / "validation" / "step-000000.png"), reference)
     assert (out / "validation" / "step-000001.png").is_file()
+
+
+def test_an_unknown_validation_scorer_is_a_clear_error(tiny_models, toy_pairs, train_args, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args("sd15", tiny_models["sd15"], toy_pairs, out, *VALIDATION, "validation.scorer=hpsv9")) == 2
+    error = capsys.readouterr().err
+    assert "validation.scorer" in error and "hpsv9" in error and "hpsv2" in error, "names the key and the choices"
+    assert not out.exists()
