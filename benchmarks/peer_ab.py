@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diffalign-pre", action="append", default=[], metavar="CMD",
                         help="a shell command run before every diffalign training run, its time counted in end to "
                              "end; {diffalign} {config} {overrides} {work} are filled in (repeatable)")
+    parser.add_argument("--pyspy", default=None, metavar="PATH",
+                        help="record every training run with this py-spy (raw stacks, 20 Hz, profile-N.txt beside its "
+                             "log) for benchmarks/pyspy_buckets.py; both sides alike")
     parser.add_argument("--python", default=sys.executable, help="the Python both sides run with")
     parser.add_argument("--diffalign", default=str(Path(sys.executable).with_name("diffalign")))
     parser.add_argument("--work", type=Path, default=Path("/tmp/peer_ab"), help="scratch folder (logs kept)")
@@ -378,6 +381,9 @@ def run_round_arm(arm: str, round_index: int, spec_for, args, env: dict[str, str
             argv = [args.python, str(peer), *peer_argv(spec_for(steps_now), dataset_dir, out)]
         else:
             argv = [args.diffalign, "train", recipe, *diffalign_overrides(spec_for(steps_now), out), *cache_override]
+        if args.pyspy:  # py-spy waits for the run it starts, so wait4 still sees the run's peak RSS
+            argv = [args.pyspy, "record", "--format", "raw", "--rate", "20",
+                    "-o", str(folder / f"profile-{steps_now}.txt"), "--", *argv]
         # the official MaPO script reads validation_prompts.json from the working directory: run peers in their checkout
         cwd = args.peer_repo if arm == "peer" else folder
         result = measure(argv, env, folder / f"train-{steps_now}.log", cwd, progress=PEER_BAR if arm == "peer" else OUR_BAR)
