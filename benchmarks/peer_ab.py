@@ -164,9 +164,13 @@ def _sample_rss(pid: int, started: float, trace: list[tuple[float, float]], done
 
 
 def measure(argv: list[str], env: dict[str, str], log: Path, cwd: Path, shell: bool = False,
-            progress: str | None = None) -> Measured:
+            progress: str | None = None, profile: list[str] | None = None) -> Measured:
     """Run one process to its end: wall time, peak RSS of its process tree (os.wait4), and, when
-    `progress` names its tqdm bar ("Steps", "train"), the time each step count first appeared."""
+    `progress` names its tqdm bar ("Steps", "train"), the time each step count first appeared.
+
+    `profile`: a sampler's command line ending in its "attach to this pid" flag (py-spy's
+    `record ... --pid`); it is attached from outside, so the run's own wait4 figures stay its own.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     marks: list[tuple[float, int]] = []
     with log.open("wb") as out:
@@ -183,11 +187,17 @@ def measure(argv: list[str], env: dict[str, str], log: Path, cwd: Path, shell: b
         sampled = threading.Event()
         sampler = threading.Thread(target=_sample_rss, args=(process.pid, started, trace, sampled))
         sampler.start()
+        profiler = None
+        if profile is not None:
+            profiler = subprocess.Popen([*profile, str(process.pid)], stdout=subprocess.DEVNULL,
+                                        stderr=log.with_suffix(".profiler.log").open("wb"))
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
         sampled.set()
         sampler.join()
         reader.join()
+        if profiler is not None:
+            profiler.wait(timeout=120)  # py-spy writes its file when the process it samples is gone
         process.stdout.close()
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     return Measured(wall, usage.ru_maxrss / 1024.0, process.returncode, str(log),
@@ -292,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a shell command run before every diffalign training run, its time counted in end to "
                              "end; {diffalign} {config} {overrides} {work} are filled in (repeatable)")
     parser.add_argument("--pyspy", default=None, metavar="PATH",
-                        help="record every training run with this py-spy (raw stacks, 20 Hz, profile-N.txt beside its "
+                        help="attach this py-spy to every training run (raw stacks, 20 Hz, profile-N.txt beside its "
                              "log) for benchmarks/pyspy_buckets.py; both sides alike")
     parser.add_argument("--python", default=sys.executable, help="the Python both sides run with")
     parser.add_argument("--diffalign", default=str(Path(sys.executable).with_name("diffalign")))
@@ -381,12 +391,12 @@ def run_round_arm(arm: str, round_index: int, spec_for, args, env: dict[str, str
             argv = [args.python, str(peer), *peer_argv(spec_for(steps_now), dataset_dir, out)]
         else:
             argv = [args.diffalign, "train", recipe, *diffalign_overrides(spec_for(steps_now), out), *cache_override]
-        if args.pyspy:  # py-spy waits for the run it starts, so wait4 still sees the run's peak RSS
-            argv = [args.pyspy, "record", "--format", "raw", "--rate", "20",
-                    "-o", str(folder / f"profile-{steps_now}.txt"), "--", *argv]
+        profile = None if not args.pyspy else [args.pyspy, "record", "--format", "raw", "--rate", "20",
+                                                "-o", str(folder / f"profile-{steps_now}.txt"), "--pid"]
         # the official MaPO script reads validation_prompts.json from the working directory: run peers in their checkout
         cwd = args.peer_repo if arm == "peer" else folder
-        result = measure(argv, env, folder / f"train-{steps_now}.log", cwd, progress=PEER_BAR if arm == "peer" else OUR_BAR)
+        result = measure(argv, env, folder / f"train-{steps_now}.log", cwd, progress=PEER_BAR if arm == "peer" else OUR_BAR,
+                         profile=profile)
         if result.returncode != 0:
             raise SystemExit(f"peer_ab: {arm} run of {steps_now} steps failed (exit {result.returncode}); "
                              f"see {result.log}\n$ {shell_line(argv)}")
