@@ -95,7 +95,7 @@ def add_tiny_parsers(commands: Any) -> None:
     )
     tiny.add_argument("model", metavar="MODEL", choices=choices,
                       help=f"a pipeline family ({', '.join(PIPELINE_FAMILIES)}) or {', '.join(TINY_MODELS)}")
-    tiny.add_argument("path", help="output folder (refused when it exists and is not empty, unless --overwrite)")
+    tiny.add_argument("path", metavar="PATH", help="output folder (refused when it exists and is not empty, unless --overwrite)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (same seed, same files)")
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing folder at PATH")
     tiny.add_argument("--t5", action="store_true", help="sd3: add a tiny T5 encoder (text_encoder_3), as real SD3 has")

@@ -136,7 +136,7 @@ def add_toy_parsers(commands: Any) -> None:
     actions = toy.add_subparsers(dest="toy_command", required=True, metavar="WHAT")
 
     def output(parser: argparse.ArgumentParser, name: str, help: str, seed: bool = True) -> None:
-        parser.add_argument(name, help=help)
+        parser.add_argument(name, metavar=name.upper(), help=help)
         if seed:
             parser.add_argument("--seed", type=int, default=0, help="seed of the drawing (same seed, same file)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -57,8 +57,14 @@ def walk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
         "MPLCONFIGDIR": str(folder / ".matplotlib"),
     }
     for line, body in blocks:
-        result = subprocess.run(["bash", "-e", "-x", "-c", body], cwd=folder, env=env, capture_output=True, text=True,
-                                timeout=BLOCK_TIMEOUT_S)  # fmt: skip
+        try:
+            result = subprocess.run(["bash", "-e", "-x", "-c", body], cwd=folder, env=env, capture_output=True,
+                                    text=True, timeout=BLOCK_TIMEOUT_S)  # fmt: skip
+        except subprocess.TimeoutExpired as timeout:
+            streams = (timeout.stdout, timeout.stderr)  # bytes or str, depending on where it timed out
+            parts = [part.decode(errors="replace") if isinstance(part, bytes) else part or "" for part in streams]
+            output = "".join(parts)[-8000:]
+            pytest.fail(f"README.md's offline block at line {line} ran past {BLOCK_TIMEOUT_S} s:\n{body}\n{output}")
         if result.returncode != 0:
             output = (result.stdout + result.stderr)[-8000:]
             pytest.fail(f"README.md's offline block at line {line} exited {result.returncode}:\n{body}\n"
