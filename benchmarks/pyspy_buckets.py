@@ -25,6 +25,7 @@ from typing import Callable
 
 STARTUP = "start-up (imports, loading, set-up)"
 FINISH = "after the loop (saving)"
+NO_FRAME = "no Python frame (interpreter start, exit)"
 IN_LOOP = (
     "data loading", "VAE encode", "text encoders", "noise draw", "policy forward", "reference forward",
     "backward", "grad clipping", "optimizer", "logging & metrics", "other in the loop",
@@ -39,9 +40,9 @@ def parse_raw(text: str) -> Counter[tuple[str, ...]]:
         if not line.strip():
             continue
         stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
+        if not count.isdigit():
             raise ValueError(f"line {number}: expected 'frame;frame;... COUNT', got {line[:80]!r}")
-        stacks[tuple(stack.split(";"))] += int(count)
+        stacks[tuple(stack.split(";")) if stack.strip() else ()] += int(count)  # () : no Python frame
     return stacks
 
 
@@ -77,6 +78,8 @@ def classifier(peer_script: Path | None) -> Callable[[tuple[str, ...]], str]:
     calls = unet_call_lines(peer_script) if peer_script is not None else {}
 
     def classify(stack: tuple[str, ...]) -> str:
+        if not stack:
+            return NO_FRAME
         if _has(stack, "save_final", "save_checkpoint", "save_lora_weights", "end_training", "require_finite_weights"):
             return FINISH
         if _has(stack, "_find_and_load", "from_pretrained", "setup_training", "load_backbone", "load_dataset",
@@ -149,7 +152,7 @@ def table(sides: dict[str, dict[str, float]], steps: int) -> str:
             cells.append(f"{value / steps:.3f} | {100 * value / max(loop_totals[name], 1e-9):.0f}")
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
     lines.append("| **loop total** | " + " | ".join(f"**{loop_totals[n] / steps:.3f}** | 100" for n in names) + " |")
-    for part in (STARTUP, FINISH):
+    for part in (STARTUP, FINISH, NO_FRAME):
         lines.append(f"| {part} (s, whole run) | " + " | ".join(f"{sides[n].get(part, 0.0):.1f} | " for n in names) + " |")
     return "\n".join(lines)
 

@@ -267,3 +267,56 @@ def test_rss_phases_split_the_trace_at_the_first_and_last_step():
     )
     assert measured.rss_phases() == {"start-up": 900.0, "steps": 750.0, "after": 400.0}
     assert peer_ab.Measured(1.0, 1.0, 0, "").rss_phases() == {}
+
+
+buckets = _load("pyspy_buckets")
+
+PEER_SCRIPT = """\
+def main(args):
+    setup = 1
+    for epoch in range(first_epoch, args.num_train_epochs):
+        for step, batch in enumerate(train_dataloader):
+            model_pred = unet(
+                noisy,
+            ).sample
+            with torch.no_grad():
+                ref_preds = unet(
+                    noisy,
+                ).sample
+            accelerator.backward(loss)
+    # Save the lora layers
+    save()
+"""
+
+
+def test_pyspy_buckets_tell_the_two_forwards_apart_on_both_sides(tmp_path):
+    script = tmp_path / "train_peer.py"
+    script.write_text(PEER_SCRIPT)
+    assert buckets.unet_call_lines(script) == {"policy forward": range(5, 8), "reference forward": range(9, 12)}
+    unet = "forward (diffusers/models/unets/unet_2d_condition.py:1100);conv (torch/nn/conv.py:5)"
+    peer_raw = "\n".join([
+        f"<module> (train_peer.py:20);main (train_peer.py:6);{unet} 30",  # inside the policy call
+        f"<module> (train_peer.py:20);main (train_peer.py:10);{unet} 20",  # inside the reference call
+        "<module> (train_peer.py:20);main (train_peer.py:12);backward (torch/_tensor.py:600) 50",
+        "<module> (train_peer.py:20);main (train_peer.py:2);from_pretrained (diffusers/x.py:1) 40",
+        " 4",  # no Python frame
+    ])
+    ours_raw = "\n".join([
+        f"_run (trainers/loop.py:244);objective_step (trainers/step.py:162);group_errors (trainers/step.py:114);{unet} 10",
+        f"_run (trainers/loop.py:244);objective_step (trainers/step.py:168);predict (trainers/models.py:40);{unet} 6",
+        "_run (trainers/loop.py:246);backward (accelerate/accelerator.py:2000) 12",
+        "_run (trainers/loop.py:187);setup_training (trainers/loop.py:134) 8",
+    ])
+    peer = buckets.buckets(buckets.parse_raw(peer_raw), buckets.classifier(script), rate=10.0)
+    ours = buckets.buckets(buckets.parse_raw(ours_raw), buckets.classifier(None), rate=10.0)
+    assert peer == {"policy forward": 3.0, "reference forward": 2.0, "backward": 5.0, buckets.STARTUP: 4.0,
+                    buckets.NO_FRAME: 0.4}
+    assert ours == {"policy forward": 1.0, "reference forward": 0.6, "backward": 1.2, buckets.STARTUP: 0.8}
+    table = buckets.table({"diffalign": ours, "peer": peer}, steps=2)
+    # per step: policy 1.0 / 2 = 0.5 s, 1.0 of a 2.8 s loop = 36 %; peer 3.0 / 2 = 1.5 s of 10 s = 30 %
+    assert "| policy forward | 0.500 | 36 | 1.500 | 30 |" in table
+
+
+def test_pyspy_buckets_refuse_a_line_without_a_count():
+    with pytest.raises(ValueError, match="line 2: expected 'frame;frame;... COUNT'"):
+        buckets.parse_raw("a (f.py:1) 3\na (f.py:1) many\n")
