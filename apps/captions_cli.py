@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from diffalign.dtypes import DTYPE_NAMES
@@ -29,6 +30,9 @@ def _captions(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     report, stats = SkipReport(), CaptionStats()
     try:
+        from diffalign.writable import check_writable
+
+        check_writable(args.output, "output", "file" if Path(args.output).suffix else "folder")  # before models load
         settings = CaptionSettings(
             perturb_model=args.perturb_model,
             level=args.level,

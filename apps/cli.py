@@ -81,6 +81,9 @@ def _cache(args: argparse.Namespace) -> int:
         raise ConfigError("set data.cache_dir (in the config or as data.cache_dir=PATH)")
     check_data(config)
     check_model_path(config.model.path, config.model.revision)
+    from diffalign.writable import check_writable
+
+    check_writable(config.data.cache_dir, "data.cache_dir", "folder")
     backbone = load_backbone(config.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
@@ -97,6 +100,9 @@ def _cache(args: argparse.Namespace) -> int:
 
 def _quickstart(args: argparse.Namespace) -> int:
     from diffalign.apps.quickstart import run_quickstart
+    from diffalign.writable import check_writable
+
+    check_writable(args.output_dir, "--output-dir", "folder")  # before the toy base is built (minutes, the first time)
 
     run_quickstart(Path(args.output_dir), overrides=args.overrides, cache_root=args.cache_root)
     return 0
@@ -164,6 +170,12 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The command as typed, nested ones included (``data check``, ``recipes show``), for messages."""
+    parts = (args.command, getattr(args, "data_command", None), getattr(args, "recipes_command", None))
+    return " ".join(part for part in parts if part)
+
+
 _GLOBAL_FLAGS = {"-v": "verbose", "--verbose": "verbose", "-q": "quiet", "--quiet": "quiet"}
 
 
@@ -184,8 +196,7 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
         else:
             unknown.append(item)
     if unknown:
-        command = " ".join(part for part in (args.command, getattr(args, "data_command", None),
-                                             getattr(args, "recipes_command", None)) if part)
+        command = command_name(args)
         hint = "key.path=value overrides may come anywhere; each option must be one its command takes"
         parser.exit(2, f"diffalign {command}: error: unrecognized arguments: {' '.join(unknown)} ({hint}; "
                        f"`diffalign {command} -h` lists them)\n")
@@ -202,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ConfigError, FileNotFoundError, NotADirectoryError, ImportError, NoUsableRowsError) as error:
-        print(f"diffalign {args.command}: error: {error}", file=sys.stderr)
+        print(f"diffalign {command_name(args)}: error: {error}", file=sys.stderr)
+        return 2
+    except (PermissionError, IsADirectoryError, FileExistsError) as error:  # an output path the checks did not cover
+        where = error.filename or "a path"
+        print(f"diffalign {command_name(args)}: error: {where}: {error.strerror or error}; choose another path", file=sys.stderr)
         return 2
 
 

@@ -83,7 +83,12 @@ def format_table(result: dict[str, Any], max_ids: int = 5) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from diffalign.atomic import staged_file
+    from diffalign.writable import check_writable
+
     try:
+        if args.json_out is not None:
+            check_writable(args.json_out, "--json", "file")  # before decoding every row, not after
         result = check_data(
             args.path, format=args.format, split=args.split, drop_ties=not args.keep_ties, workers=args.workers,
             progress=not args.no_progress,
@@ -93,7 +98,8 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     print(format_table(result))
     if args.json_out is not None:
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
+        with staged_file(args.json_out) as temporary:  # a reader never sees half a report
+            temporary.write_text(json.dumps(result, indent=1))
         print(f"diffalign data check: wrote {args.json_out}")
     if result["usable"] == 0:
         print(f"diffalign data check: no usable rows in {args.path}", file=sys.stderr)

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from diffalign.dtypes import DTYPE_NAMES
+from diffalign.writable import check_writable
 
 __all__ = ["add_eval_parsers"]
 
@@ -38,6 +39,7 @@ def _generate(args: argparse.Namespace) -> int:
             resolution=args.resolution, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
             name=args.name, overwrite=args.overwrite,
         )  # fmt: skip
+        check_writable(args.out, "--out", "folder")  # before the pipeline loads
         prompts = read_prompts(args.prompts, report)
         out = generate(settings, prompts)
     except _USER_ERRORS as error:
@@ -52,6 +54,8 @@ def _compare(args: argparse.Namespace) -> int:
     from diffalign.apps.compare import run_compare
 
     try:
+        if args.out is not None:
+            check_writable(args.out, "--out", "file")
         _, text = run_compare(args.a_table, args.b_table, args.out, args.bootstrap, args.seed)
     except _USER_ERRORS as error:
         return _fail("compare", error)
@@ -70,6 +74,9 @@ def _rank(args: argparse.Namespace) -> int:
 
     report = SkipReport()
     try:
+        for option, path in (("--out", args.out), ("--pairs-out", args.pairs_out)):
+            if path is not None:
+                check_writable(path, option, "file")  # before the scorers load
         stats = rank_sources(
             args.source, [parse_scorer_spec(spec) for spec in args.scorer], args.out, pairs_out=args.pairs_out,
             batch_size=args.batch_size, device=args.device, dtype=args.dtype, report=report,

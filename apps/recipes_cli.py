@@ -64,6 +64,9 @@ def _copy(args: argparse.Namespace) -> int:
         destination = destination / source.name
     if destination.exists():
         raise ConfigError(f"{destination} exists; choose another file (nothing was overwritten)")
+    from diffalign.writable import check_writable
+
+    check_writable(destination, "destination", "file")
     destination.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, destination)
     print(f"copied {args.name} to {destination}; run it with `diffalign train {destination}`", file=sys.stderr)

@@ -99,6 +99,15 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
         temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
+def _check_outputs(paths: dict[str, str | None]) -> None:
+    """Every output file given can be written: found before the scorers load, not after the scoring."""
+    from diffalign.writable import check_writable
+
+    for option, path in paths.items():
+        if path is not None:
+            check_writable(path, option, "file")
+
+
 def _fail(command: str, error: Exception) -> int:
     message = error.args[0] if isinstance(error, KeyError) and error.args else error
     print(f"diffalign {command}: error: {message}", file=sys.stderr)
@@ -120,6 +129,7 @@ def _score(args: argparse.Namespace) -> int:
     try:
         if args.out is not None and Path(args.out).suffix.lower() not in (".parquet", ".csv", ".jsonl"):
             raise ValueError(f"--out {args.out}: use a .parquet, .csv or .jsonl file")
+        _check_outputs({"--out": args.out, "--summary-json": args.summary_json})
         specs = parse_scorer_specs(args.scorer, args.scorer_option)
         found = collect_items(
             args.folder, layout=args.layout, manifest=args.manifest, prompts_dir=args.prompts_dir, report=report
@@ -173,6 +183,7 @@ def _score_pairs(args: argparse.Namespace) -> int:
     tune_where = _describe(args.tune_data or args.data, args.tune_split)
     try:
         specs = parse_scorer_specs(args.scorer, args.scorer_option)
+        _check_outputs({"--summary-json": args.summary_json})
         candidates = [float(t) for t in args.thresholds.split(",")]
 
         def open_split(path: str, split: str, which: str) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 from diffalign.atomic import staged_file
 from diffalign.config import ConfigError
 from diffalign.fingerprint import fingerprint
+from diffalign.writable import check_writable
 
 from .checkpoint import list_checkpoints
 from .config import TrainConfig
@@ -105,21 +106,8 @@ def changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 
 def check_output_dir(output_dir: Path) -> None:
-    """``train.output_dir`` must be a folder that exists or can be made: say so before any model loads.
-
-    Raises ConfigError for a path that is a file, one under a file, or one under a folder that
-    cannot be written (``/sys``, ``/proc``, a read-only mount); each message says what to choose instead.
-    """
-    key = f"train.output_dir={output_dir}"
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"{key} is a file, not a folder: choose a folder path for the run's outputs")
-    parent = output_dir
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{key}: {parent} is a file, so no folder can be made under it; choose another train.output_dir")
-    if parent.resolve().parts[1:2] in (("sys",), ("proc",), ("dev",)) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: {parent} cannot be written; choose a train.output_dir in a writable folder")
+    """``train.output_dir`` must be a folder that exists or can be made: say so before any model loads."""
+    check_writable(output_dir, "train.output_dir", "folder")
 
 
 def make_output_dir(output_dir: Path) -> None:

@@ -89,13 +89,54 @@ def test_output_dir_that_is_a_file(tiny_models, toy_pairs, tmp_path, capsys, no_
     err = _error(capsys, _train_args(tiny_models["sd15"], toy_pairs, a_file))
     assert f"train.output_dir={a_file} is a file" in err and "choose a folder" in err
     err = _error(capsys, _train_args(tiny_models["sd15"], toy_pairs, a_file / "run"))
-    assert f"{a_file} is a file, so no folder can be made under it" in err
+    assert f"{a_file} is a file, so nothing can be made under it" in err
 
 
 @pytest.mark.skipif(not Path("/sys").is_dir(), reason="no /sys on this system")
 def test_output_dir_under_sys(tiny_models, toy_pairs, tmp_path, capsys, no_training) -> None:
     err = _error(capsys, _train_args(tiny_models["sd15"], toy_pairs, "/sys/diffalign-run"))
     assert "train.output_dir=/sys/diffalign-run" in err and "cannot be written" in err
+
+
+@pytest.mark.parametrize("where", ["file", "sys"])
+@pytest.mark.parametrize(
+    "command, output",
+    [
+        ("generate", "--out"), ("captions", "output"), ("quickstart", "--output-dir"), ("rank", "--out"),
+        ("score", "--out"), ("recipes cp", "destination"), ("data check", "--json"), ("compare", "--out"),
+        ("cache", "data.cache_dir"),
+    ],
+)  # fmt: skip
+def test_every_output_path_is_checked_before_the_work(
+    command, output, where, tiny_models, toy_pairs, tmp_path, capsys, monkeypatch
+) -> None:
+    """Each command's output under a file, or under /sys: one line naming the option, nothing run first."""
+    if where == "sys" and not Path("/sys").is_dir():
+        pytest.skip("no /sys on this system")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    suffix = {"--json": ".json", "destination": ".yaml", "captions": ".parquet"}.get(output, "")
+    suffix = suffix or {"rank": ".parquet", "score": ".csv", "compare": ".png", "captions": ".parquet"}.get(command, "")
+    target = (Path("/sys") if where == "sys" else blocker) / f"diffalign-out{suffix}"
+    monkeypatch.setattr("diffalign.apps.quickstart.run_quickstart", lambda *a, **k: pytest.fail("quickstart ran"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    argv = {
+        "generate": ["generate", "--model", str(tiny_models["sd15"]), "--prompts", str(prompts), "--out", str(target)],
+        "captions": ["captions", str(toy_pairs), str(target)],
+        "quickstart": ["quickstart", "--output-dir", str(target)],
+        "rank": ["rank", "--source", str(tmp_path), "--source", str(tmp_path), "--scorer", "x", "--out", str(target)],
+        "score": ["score", str(tmp_path), "--scorer", "x", "--out", str(target)],
+        "recipes cp": ["recipes", "cp", "sd15/dpo", str(target)],
+        "data check": ["data", "check", str(toy_pairs), "--json", str(target)],
+        "compare": ["compare", str(toy_pairs), str(toy_pairs), "--out", str(target)],
+        "cache": ["cache", "sd15/dpo", f"model.path={tiny_models['sd15']}", f"data.path={toy_pairs}",
+                  f"data.cache_dir={target}"],
+    }[command]  # fmt: skip
+    err = _error(capsys, argv)
+    assert f"diffalign {command}: error: {output}" in err and str(target) in err
+    assert ("is a file, so nothing can be made under it" if where == "file" else "cannot be written") in err
+    assert "choose" in err
 
 
 @pytest.fixture
