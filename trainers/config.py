@@ -97,7 +97,7 @@ class TrainSection(StrictModel):
         False, description="Upload final/ (weights + model card) with huggingface_hub when training ends."
     )
     hub_model_id: str | None = Field(
-        None, description="The hub repo of push_to_hub (user/name); default: the output folder's name under your user."
+        None, description="The hub repo of push_to_hub, user/name (the model card's loading code names it)."
     )
     hub_private: bool = Field(False, description="Create the push_to_hub repo as private.")
 
@@ -105,6 +105,12 @@ class TrainSection(StrictModel):
     @classmethod
     def _known_trackers(cls, value: str | list[str]) -> str | list[str]:
         return check_tracker_names(value)
+
+    @model_validator(mode="after")
+    def _push_names_its_repo(self) -> "TrainSection":
+        if self.push_to_hub and not (self.hub_model_id and "/" in self.hub_model_id):
+            raise ValueError(f"train.push_to_hub=true needs train.hub_model_id=user/name (got {self.hub_model_id!r})")
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -305,7 +305,7 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None, validation_sco
             record["nonfinite_skipped_steps"] = guard.skipped
         network = accelerator.unwrap_model(policy)
         last = [row for row in read_metrics(metrics_writer.path) if "loss" in row] if metrics_writer.path.exists() else []
-        location = (run.hub_model_id or output_dir.resolve().name) if run.push_to_hub else str(final_dir.resolve())
+        location = run.hub_model_id if run.push_to_hub and run.hub_model_id else str(final_dir.resolve())
         card = render_model_card(config, backbone, type(network).__name__, step, last[-1] if last else {}, location)
         final_dir = save_final(network, backbone, output_dir, run.mode, record, model_card=card)
         summary = data.report.summary()

@@ -130,3 +130,12 @@ def test_export_votes_push_offline_keeps_the_parquet_and_says_so(voted_database,
     assert main(["export-votes", str(voted_database), str(out), "--keep-suspicious", "--push", "me/votes"]) == 1
     assert out.is_file()
     assert_one_clean_message(capsys.readouterr().err, "diffalign export-votes: error:", "HF_HUB_OFFLINE", "is written")
+
+
+def test_train_push_to_hub_needs_a_full_repo_id(tiny_models, toy_pairs, train_args, tmp_path):
+    from diffalign.config import ConfigError
+    from diffalign.trainers.config import load_train_config
+
+    args = train_args("sd15", tiny_models["sd15"], toy_pairs, tmp_path, "train.push_to_hub=true", "train.hub_model_id=m")
+    with pytest.raises(ConfigError, match=r"train.push_to_hub=true needs train.hub_model_id=user/name \(got 'm'\)"):
+        load_train_config(args[1], args[2:])
