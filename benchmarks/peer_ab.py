@@ -68,6 +68,8 @@ class Measured:
     log: str
     marks: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, step count shown)
     rss_trace: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, RSS MiB), sampled
+    cpu_marks: list[tuple[float, int]] = field(default_factory=list)  # (CPU seconds used so far, step count shown)
+    cpu_s: float = 0.0  # user + system CPU seconds of the whole run (wait4)
 
     def rss_phases(self) -> dict[str, float]:
         """Highest sampled RSS before the first step, during the steps and after the last step shown."""
@@ -102,6 +104,15 @@ class ArmRound:
             raise ValueError(f"{self.arm} round {self.round}: no progress bar in {self.long.log} and no --short run")
         return step_time(self.short.wall_s, self.long.wall_s, (self.short_steps, self.steps))
 
+    def cpu_step_s(self) -> float | None:
+        """Steady CPU seconds per step (same interval as `step_s`): on a machine shared with other
+        work a process's CPU time is far steadier than its wall time, and with one thread per
+        process it is the wall time a quiet machine would show."""
+        return steady_step_time(self.long.cpu_marks, self.warmup)
+
+    def end_to_end_cpu_s(self) -> float:
+        return self.long.cpu_s + sum(item.cpu_s for item in self.pre)
+
     def step_s_from_lengths(self) -> float | None:
         if self.short is None:
             return None
@@ -135,8 +146,19 @@ def arm_order(arms: list[str], round_index: int) -> list[str]:
 PROGRESS = re.compile(rb"(\d+)/(\d+) \[")  # a tqdm bar: "Steps:  45%|####5     | 9/20 [00:04<..."
 
 
-def _drain(stream, log, label: bytes | None, marks: list[tuple[float, int]]) -> None:
-    """Copy the child's output to its log; note when each new count of the `label` progress bar appears."""
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process so far (/proc/PID/stat), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def _drain(stream, log, label: bytes | None, marks: list[tuple[float, int]], pid: int = 0,
+           cpu_marks: list[tuple[float, int]] | None = None) -> None:
+    """Copy the child's output to its log; note when each new count of the `label` progress bar appears,
+    and the child's CPU seconds at that moment (`cpu_marks`)."""
     pending = b""
     for chunk in iter(lambda: stream.read1(1 << 16), b""):
         now = time.perf_counter()
@@ -148,6 +170,9 @@ def _drain(stream, log, label: bytes | None, marks: list[tuple[float, int]]) -> 
                 found = PROGRESS.search(line)
                 if found and (not marks or int(found.group(1)) > marks[-1][1]):
                     marks.append((now, int(found.group(1))))
+                    cpu = cpu_seconds(pid) if cpu_marks is not None else None
+                    if cpu is not None:
+                        cpu_marks.append((cpu, int(found.group(1))))
 
 
 def _sample_rss(pid: int, started: float, trace: list[tuple[float, float]], done: threading.Event) -> None:
@@ -179,8 +204,10 @@ def measure(argv: list[str], env: dict[str, str], log: Path, cwd: Path, shell: b
             argv if not shell else argv[0], shell=shell, env=env, cwd=cwd, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, executable="/bin/bash" if shell else None,
         )
+        cpu_marks: list[tuple[float, int]] = []
         reader = threading.Thread(
-            target=_drain, args=(process.stdout, out, None if progress is None else progress.encode(), marks)
+            target=_drain,
+            args=(process.stdout, out, None if progress is None else progress.encode(), marks, process.pid, cpu_marks),
         )
         reader.start()
         trace: list[tuple[float, float]] = []
@@ -201,7 +228,8 @@ def measure(argv: list[str], env: dict[str, str], log: Path, cwd: Path, shell: b
         process.stdout.close()
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     return Measured(wall, usage.ru_maxrss / 1024.0, process.returncode, str(log),
-                    [(round(at - started, 4), count) for at, count in marks], trace)
+                    [(round(at - started, 4), count) for at, count in marks], trace,
+                    [(round(cpu, 3), count) for cpu, count in cpu_marks], usage.ru_utime + usage.ru_stime)
 
 
 def steady_step_time(marks: list[tuple[float, int]], warmup: int) -> float | None:
@@ -234,6 +262,10 @@ def summarise(results: list[ArmRound]) -> dict[str, dict[str, float]]:
             "peak_rss_mib": statistics.median(item.peak_rss_mib() for item in rounds),
             "pre_s": statistics.median(sum(pre.wall_s for pre in item.pre) for item in rounds),
         }
+        cpu_steps = [item.cpu_step_s() for item in rounds]
+        if all(value is not None for value in cpu_steps):
+            summary[arm]["cpu_step_s"] = statistics.median(cpu_steps)
+            summary[arm]["end_to_end_cpu_s"] = statistics.median(item.end_to_end_cpu_s() for item in rounds)
         from_lengths = [item.step_s_from_lengths() for item in rounds]
         if all(value is not None for value in from_lengths):
             summary[arm]["step_s_from_lengths"] = statistics.median(from_lengths)
@@ -243,6 +275,9 @@ def summarise(results: list[ArmRound]) -> dict[str, dict[str, float]]:
             figures["step_ratio"] = figures["step_s"] / peer["step_s"]
             figures["end_to_end_ratio"] = figures["end_to_end_s"] / peer["end_to_end_s"]
             figures["peak_rss_ratio"] = figures["peak_rss_mib"] / peer["peak_rss_mib"]
+            if "cpu_step_s" in figures and "cpu_step_s" in peer:
+                figures["cpu_step_ratio"] = figures["cpu_step_s"] / peer["cpu_step_s"]
+                figures["end_to_end_cpu_ratio"] = figures["end_to_end_cpu_s"] / peer["end_to_end_cpu_s"]
             if "step_s_from_lengths" in figures and "step_s_from_lengths" in peer:
                 figures["step_ratio_from_lengths"] = figures["step_s_from_lengths"] / peer["step_s_from_lengths"]
     return summary
@@ -273,6 +308,13 @@ def format_summary(summary: dict[str, dict[str, float]], title: str) -> str:
             f"| {arm} | {figures['step_s']:.3f} | {figures['end_to_end_s']:.1f} | {figures['pre_s']:.1f} | "
             f"{figures['peak_rss_mib']:.0f} | {ratios} |"
         )
+    if all("cpu_step_s" in figures for figures in summary.values()):
+        lines += ["", "CPU time (user + system) of the same runs, steadier than wall time on a shared machine:", "",
+                  "| arm | CPU s/step | CPU s end to end | CPU step ratio | CPU e2e ratio |", "|---|---|---|---|---|"]
+        for arm, figures in summary.items():
+            lines.append(f"| {arm} | {figures['cpu_step_s']:.3f} | {figures['end_to_end_cpu_s']:.1f} | "
+                         f"{figures.get('cpu_step_ratio', float('nan')):.2f} | "
+                         f"{figures.get('end_to_end_cpu_ratio', float('nan')):.2f} |")
     return "\n".join(lines)
 
 
@@ -468,6 +510,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lengths = "" if result.short is None else f" T({args.short})={result.short.wall_s:.1f}s" \
                     f" step(lengths)={result.step_s_from_lengths():.3f}s"
                 phases = " ".join(f"{name}={value:.0f}" for name, value in result.long.rss_phases().items())
+                cpu_step = result.cpu_step_s()
+                lengths += "" if cpu_step is None else f" cpu-step={cpu_step:.3f}s cpu-e2e={result.end_to_end_cpu_s():.1f}s"
                 print(f"round {round_index} {arm:6s}: step={result.step_s():.3f}s T({args.steps})={result.long.wall_s:.1f}s"
                       f"{lengths} e2e={result.end_to_end_s():.1f}s peak={result.peak_rss_mib():.0f}MiB "
                       f"(sampled RSS MiB: {phases}) load={loads[-1]:.1f}", flush=True)

@@ -203,8 +203,25 @@ def test_summary_takes_medians_and_counts_pre_commands_in_end_to_end():
     assert "step_s_from_lengths" not in summary["cached"]  # no --short run
     table = peer_ab.format_summary(summary, "t")
     assert "| cached | 0.500 | 24.0 | 5.0 | 800 | 0.42 | 0.75 | 0.73 |" in table
+    assert "CPU s/step" not in table  # no CPU marks in these runs
     slow = peer_ab.summarise([results[0], _run("raw", 0, 2.0, 40.0, 1500.0)])
     assert "2.00 (goal <= 0.5)" in peer_ab.format_summary(slow, "t")
+
+
+def test_cpu_step_time_and_ratios_come_from_the_cpu_marks():
+    measured = peer_ab.Measured
+    peer = peer_ab.ArmRound("peer", 0, measured(30.0, 1.0, 0, "", marks=[(5.0, 1), (8.0, 2), (11.0, 3)],
+                                                     cpu_marks=[(5.0, 1), (7.0, 2), (9.0, 3)], cpu_s=12.0),
+                            steps=3, warmup=1)
+    ours = peer_ab.ArmRound("raw", 0, measured(20.0, 1.0, 0, "", marks=[(4.0, 1), (6.0, 2), (8.0, 3)],
+                                                    cpu_marks=[(4.0, 1), (5.0, 2), (6.0, 3)], cpu_s=7.0),
+                            steps=3, warmup=1, pre=[measured(2.0, 1.0, 0, "", cpu_s=1.0)])
+    # peer: (9 - 5) / 2 = 2.0 CPU s/step; ours (6 - 4) / 2 = 1.0; end to end 12 vs 7 + 1 = 8
+    summary = peer_ab.summarise([peer, ours])
+    assert summary["raw"]["cpu_step_s"] == pytest.approx(1.0)
+    assert summary["raw"]["cpu_step_ratio"] == pytest.approx(0.5)
+    assert summary["raw"]["end_to_end_cpu_ratio"] == pytest.approx(8.0 / 12.0)
+    assert "| raw | 1.000 | 8.0 | 0.50 | 0.67 |" in peer_ab.format_summary(summary, "t")
 
 
 def test_a_short_run_gives_the_step_time_from_lengths_too():
@@ -245,6 +262,8 @@ def test_measure_notes_when_each_step_count_of_the_bar_appears(tmp_path):
     )
     measured = peer_ab.measure([sys.executable, "-c", code], {}, tmp_path / "bar.txt", tmp_path, progress="train")
     assert [count for _, count in measured.marks] == [1, 2, 3, 4]
+    assert [count for _, count in measured.cpu_marks] == [1, 2, 3, 4]  # the child sleeps: little CPU
+    assert all(0 <= cpu < 5 for cpu, _ in measured.cpu_marks) and measured.cpu_s >= measured.cpu_marks[-1][0]
     gaps = [later[0] - earlier[0] for earlier, later in zip(measured.marks, measured.marks[1:])]
     # 0.9 s of sleeps between count 1 and count 4; a busy machine may delay when the reader sees a count
     assert 0.6 <= sum(gaps) < 6.0, gaps
