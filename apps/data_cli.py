@@ -36,7 +36,7 @@ def add_data_parsers(commands: Any) -> None:
     check.add_argument("--keep-ties", action="store_true", help="as data.drop_ties=false: ties are rows, not skips")
     check.add_argument("--workers", type=int, default=0, help="decoding processes (0: decode in this process)")
     check.add_argument("--json", dest="json_out", default=None, help="also write the report, with the row ids per reason, here")
-    check.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
     check.set_defaults(run=_check)
 
 
@@ -83,6 +83,7 @@ def format_table(result: dict[str, Any], max_ids: int = 5) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from diffalign.apps.output import show_progress
     from diffalign.atomic import staged_file
     from diffalign.writable import check_writable
 
@@ -91,7 +92,7 @@ def _check(args: argparse.Namespace) -> int:
             check_writable(args.json_out, "--json", "file")  # before decoding every row, not after
         result = check_data(
             args.path, format=args.format, split=args.split, drop_ties=not args.keep_ties, workers=args.workers,
-            progress=not args.no_progress,
+            progress=show_progress(not args.no_progress),
         )
     except (ValueError, KeyError) as error:  # a bad data set (missing or mistyped column, no such split): not a row
         print(f"diffalign data check: error: {error}", file=sys.stderr)

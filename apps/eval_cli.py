@@ -28,6 +28,7 @@ def _fail(command: str, error: BaseException) -> int:
 def _generate(args: argparse.Namespace) -> int:
     """Sample images into ``--out`` with a manifest; print the folder."""
     from diffalign.apps.generate import GenerateSettings, generate, read_prompts
+    from diffalign.apps.output import show_progress
 
     from diffalign.data.report import SkipReport
 
@@ -37,7 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
             model=args.model, prompts=args.prompts, out=args.out, lora=args.lora, finetuned=args.finetuned,
             seeds_per_prompt=args.seeds_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
             resolution=args.resolution, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-            name=args.name, overwrite=args.overwrite,
+            name=args.name, overwrite=args.overwrite, progress=show_progress(not args.no_progress),
         )  # fmt: skip
         check_writable(args.out, "--out", "folder")  # before the pipeline loads
         prompts = read_prompts(args.prompts, report)
@@ -133,6 +134,7 @@ def _add_generate(commands: Any) -> None:
         "--name", default=None, help="model name written in the manifest (default: from the model and weights)"
     )
     generate.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    generate.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
     generate.set_defaults(run=_generate)
 
 

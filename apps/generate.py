@@ -61,6 +61,7 @@ class GenerateSettings:
     dtype: str = "fp32"
     name: str | None = None
     overwrite: bool = False
+    progress: bool = True  # a bar over the batches on stderr
 
     def __post_init__(self) -> None:
         if self.lora is not None and self.finetuned is not None:
@@ -209,7 +210,7 @@ def generate(settings: GenerateSettings, prompts: list[str]) -> Path:
     with staged_folder(out) as staging:
         (staging / "images").mkdir()
         with (staging / MANIFEST).open("w", encoding="utf-8") as manifest:
-            for start in tqdm(range(0, len(jobs), settings.batch_size), desc="generate", unit="batch"):
+            for start in tqdm(range(0, len(jobs), settings.batch_size), desc="generate", unit="batch", disable=not settings.progress):
                 batch = jobs[start : start + settings.batch_size]
                 seeds = [image_seed(settings.seed, p, s) for p, s in batch]
                 # One CPU generator per image: its noise depends on its own seed only.
@@ -221,7 +222,7 @@ def generate(settings: GenerateSettings, prompts: list[str]) -> Path:
                     row = {"image": relative, "prompt": prompts[p], "model": name, "seed": seed}
                     manifest.write(json.dumps(row, ensure_ascii=False) + "\n")
         record = {
-            **asdict(settings),
+            **{key: value for key, value in asdict(settings).items() if key != "progress"},  # what made the images
             "model": model,
             "name": name,
             "device": device,

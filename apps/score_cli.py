@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffalign.apps.output import show_progress
 from diffalign.dtypes import DTYPE_NAMES
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ def _score(args: argparse.Namespace) -> int:
         scorers = _load_scorers(specs, args.device, args.dtype)
         table = score_items(
             found.items, scorers, batch_size=args.batch_size, report=report,
-            source=found.root.name or str(found.root), layout=found.layout, progress=not args.no_progress,
+            source=found.root.name or str(found.root), layout=found.layout, progress=show_progress(not args.no_progress),
         )  # fmt: skip
     except (ValueError, KeyError) as error:
         return _fail("score", error)
@@ -205,7 +206,7 @@ def _score_pairs(args: argparse.Namespace) -> int:
                     "cross-validate on it"
                 )
         scorers = _load_scorers(specs, args.device, args.dtype)
-        options = {"batch_size": args.batch_size, "progress": not args.no_progress}
+        options = {"batch_size": args.batch_size, "progress": show_progress(not args.no_progress)}
         tune = None if tune_source is None else score_pairs(tune_source, scorers, report=reports["tune"], **options)
         evaluated = score_pairs(eval_source, scorers, report=reports["eval"], **options)
         scale = {"candidates": candidates, "logit_scale": args.logit_scale}
@@ -271,7 +272,7 @@ def _add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="scorer weights' dtype")
     parser.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
 
 
 def add_score_parsers(subparsers: Any) -> None:

@@ -362,9 +362,9 @@ def open_pickapic(
         items = [[c["filename"], *(stat_entry(Path(c["filename"]))[1:])] for c in ds.cache_files]
         origin = _Origin(name, [], np.zeros(0, np.int64), [path, split, ds.info.version, items])
     else:
-        where = "" if p.is_absolute() else f" (looked for {p.resolve()})"
+        where = "" if p.is_absolute() else f" (a local path, not a hub id: looked for {p.resolve()})"
         raise FileNotFoundError(
-            f"{path}: no such local file or directory{where}; expected a .parquet file, a directory of "
+            f"{path}: no such file or directory{where}; expected a .parquet file, a directory of "
             "parquet files, a datasets.save_to_disk folder, a .jsonl manifest, or a Hub id 'owner/name'"
         )
     return PickapicSource(

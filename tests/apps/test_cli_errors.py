@@ -78,7 +78,7 @@ def test_relative_missing_data_path_is_a_local_path_not_a_hub_id(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     err = _error(capsys, _train_args(tiny_models["sd15"], "missing/pairs.parquet", tmp_path / "run"))
-    assert "data.path=missing/pairs.parquet: no such local file or directory" in err
+    assert "data.path=missing/pairs.parquet: no such file or directory (a local path, not a hub id: looked for" in err
     assert str(tmp_path / "missing/pairs.parquet") in err  # where it looked
     assert "Hub dataset" not in err  # it was never tried on the hub
 
