@@ -32,9 +32,12 @@ def _error(args: argparse.Namespace, message: str) -> int:
     return 2
 
 
-def _taken(paths: list[Path], overwrite: bool) -> str | None:
-    """Why these outputs must not be written, or None: an existing file or non-empty folder without --overwrite."""
+def _taken(paths: list[Path], overwrite: bool, folder: bool = False) -> str | None:
+    """Why these outputs must not be written, or None: the wrong kind (a file where a folder goes, or the
+    reverse), or an existing file or non-empty folder without --overwrite."""
     for path in paths:
+        if path.exists() and path.is_dir() != folder:
+            return f"{path} exists and is {'a file' if folder else 'a folder'}; choose another path"
         if path.is_dir() and not any(path.iterdir()):
             continue
         if path.exists() and not overwrite:
@@ -48,8 +51,6 @@ def _pairs(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".parquet":
         return _error(args, f"{out}: pairs are written as Pick-a-Pic v2 parquet; name the file *.parquet")
-    if out.is_dir():
-        return _error(args, f"{out} is a folder; name a .parquet file")
     refusal = _taken([out], args.overwrite)
     if refusal:
         return _error(args, refusal)
@@ -64,7 +65,9 @@ def _ranked(args: argparse.Namespace) -> int:
     if out.suffix not in _RANKED_FORMATS:
         return _error(args, f"{out}: name the file *.parquet (images inside) or *.jsonl (images in a folder beside it)")
     images = out.with_name(f"{out.stem}_images")
-    refusal = _taken([out, images] if out.suffix == ".jsonl" else [out], args.overwrite)
+    refusal = _taken([out], args.overwrite)
+    if refusal is None and out.suffix == ".jsonl":
+        refusal = _taken([images], args.overwrite, folder=True)
     if refusal:
         return _error(args, refusal)
     try:
@@ -96,7 +99,7 @@ def _arena_sources(args: argparse.Namespace) -> int:
     from diffalign.toy.arena import write_toy_sources
 
     root = Path(args.out_dir)
-    refusal = _taken([root], args.overwrite)
+    refusal = _taken([root], args.overwrite, folder=True)
     if refusal:
         return _error(args, refusal)
     with staged_folder(root) as staging:  # all sources appear together, or none
@@ -111,7 +114,7 @@ def _world(args: argparse.Namespace) -> int:
     from diffalign.toy.world import write_toy_world
 
     root = Path(args.out_dir)
-    refusal = _taken([root], args.overwrite)
+    refusal = _taken([root], args.overwrite, folder=True)
     if refusal:
         return _error(args, refusal)
     if args.train_seed == args.heldout_seed:

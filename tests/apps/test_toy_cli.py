@@ -54,6 +54,25 @@ def test_bad_toy_arguments_end_in_one_message_and_write_nothing(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command, out, existing", [
+    ("prompts", "taken.txt", "folder"),
+    ("ranked", "taken.jsonl", "folder"),
+    ("arena-sources", "taken", "file"),
+    ("world", "taken", "file"),
+])  # fmt: skip
+def test_an_output_of_the_wrong_kind_is_refused_even_with_overwrite(tmp_path, capsys, command, out, existing):
+    path = tmp_path / out
+    if existing == "folder":
+        path.mkdir()
+        (path / "keep.txt").write_text("mine")
+    else:
+        path.write_text("mine")
+    assert main(["toy", command, str(path), "--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert f"is a {existing}" in error and "Traceback" not in error
+    assert (path / "keep.txt" if existing == "folder" else path).read_text() == "mine"
+
+
 def test_a_pair_count_below_one_is_an_argument_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["toy", "pairs", str(tmp_path / "p.parquet"), "--n", "0"])
