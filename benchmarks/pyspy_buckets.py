@@ -26,6 +26,7 @@ from typing import Callable
 STARTUP = "start-up (imports, loading, set-up)"
 FINISH = "after the loop (saving)"
 NO_FRAME = "no Python frame (interpreter start, exit)"
+BACKGROUND = "background threads (mostly waiting)"
 IN_LOOP = (
     "data loading", "VAE encode", "text encoders", "noise draw", "policy forward", "reference forward",
     "backward", "grad clipping", "optimizer", "logging & metrics", "other in the loop",
@@ -80,6 +81,8 @@ def classifier(peer_script: Path | None) -> Callable[[tuple[str, ...]], str]:
     def classify(stack: tuple[str, ...]) -> str:
         if not stack:
             return NO_FRAME
+        if _has(stack, "_bootstrap_inner (threading.py") or _has(stack, "_AsyncWriterThread"):
+            return BACKGROUND  # another thread (tensorboard's writer, a DataLoader pin thread): not the step's time
         if _has(stack, "save_final", "save_checkpoint", "save_lora_weights", "end_training", "require_finite_weights"):
             return FINISH
         if _has(stack, "_find_and_load", "from_pretrained", "setup_training", "load_backbone", "load_dataset",
@@ -152,7 +155,7 @@ def table(sides: dict[str, dict[str, float]], steps: int) -> str:
             cells.append(f"{value / steps:.3f} | {100 * value / max(loop_totals[name], 1e-9):.0f}")
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
     lines.append("| **loop total** | " + " | ".join(f"**{loop_totals[n] / steps:.3f}** | 100" for n in names) + " |")
-    for part in (STARTUP, FINISH, NO_FRAME):
+    for part in (STARTUP, FINISH, NO_FRAME, BACKGROUND):
         lines.append(f"| {part} (s, whole run) | " + " | ".join(f"{sides[n].get(part, 0.0):.1f} | " for n in names) + " |")
     return "\n".join(lines)
 

@@ -325,12 +325,14 @@ def test_pyspy_buckets_tell_the_two_forwards_apart_on_both_sides(tmp_path):
         f"_run (trainers/loop.py:244);objective_step (trainers/step.py:168);predict (trainers/models.py:40);{unet} 6",
         "_run (trainers/loop.py:246);backward (accelerate/accelerator.py:2000) 12",
         "_run (trainers/loop.py:187);setup_training (trainers/loop.py:134) 8",
+        "_bootstrap_inner (threading.py:1045);_AsyncWriterThread._run (tensorboard/event_file_writer.py:269) 5",
     ])
     peer = buckets.buckets(buckets.parse_raw(peer_raw), buckets.classifier(script), rate=10.0)
     ours = buckets.buckets(buckets.parse_raw(ours_raw), buckets.classifier(None), rate=10.0)
     assert peer == {"policy forward": 3.0, "reference forward": 2.0, "backward": 5.0, buckets.STARTUP: 4.0,
                     buckets.NO_FRAME: 0.4}
-    assert ours == {"policy forward": 1.0, "reference forward": 0.6, "backward": 1.2, buckets.STARTUP: 0.8}
+    assert ours == {"policy forward": 1.0, "reference forward": 0.6, "backward": 1.2, buckets.STARTUP: 0.8,
+                    buckets.BACKGROUND: 0.5}
     table = buckets.table({"diffalign": ours, "peer": peer}, steps=2)
     # per step: policy 1.0 / 2 = 0.5 s, 1.0 of a 2.8 s loop = 36 %; peer 3.0 / 2 = 1.5 s of 10 s = 30 %
     assert "| policy forward | 0.500 | 36 | 1.500 | 30 |" in table
