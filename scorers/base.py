@@ -10,6 +10,7 @@ reference default), ``device``, ``dtype`` and loader-specific options.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -108,13 +109,27 @@ def load_scorer(
         f"Pass local weights: `--scorer {name}=PATH` on the command line, or load_scorer({name!r}, weights=PATH) "
         "(a folder or file copied from a machine with hub access)."
     )
-    with hub_errors_as(f"scorer {name!r} ({which})", fix):
+    local = weights is not None and Path(weights).expanduser().exists()
+    with _local_errors_as(name, weights) if local else hub_errors_as(f"scorer {name!r} ({which})", fix):
         return loader(
             weights=weights,
             device=torch.device(device),
             dtype=parse_dtype(dtype),
             **options,
         )
+
+
+@contextlib.contextmanager
+def _local_errors_as(name: str, weights: str | Path) -> Iterator[None]:
+    """A local weights folder the loader cannot read (a file missing, a wrong folder): one line, not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"scorer {name!r}: cannot load the local weights {weights}: {first} "
+            f"(pass the folder or file of {name}'s weights, as saved by its reference code or save_pretrained)"
+        ) from None
 
 
 def check_inputs(images: Sequence[object], prompts: Sequence[str]) -> None:

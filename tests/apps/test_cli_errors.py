@@ -198,6 +198,18 @@ def test_scorer_weights_that_are_a_missing_local_path(tmp_path, capsys) -> None:
     assert "weights ./no/such/weights: no such local file or folder" in err
 
 
+def test_scorer_weights_folder_without_the_files(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a cat")
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    err = _error(capsys, ["score", str(tmp_path), "--scorer", f"pickscore={empty}", "--no-progress"])
+    assert f"scorer 'pickscore': cannot load the local weights {empty}" in err and "hub" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_arena_port_in_use(toy_arena_sources, tmp_path, capsys) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
