@@ -349,13 +349,14 @@ def open_pickapic(
     elif _HUB_ID.match(path) and looks_like_hub_id(path) and not p.exists():
         from diffalign.hub_access import go_offline_if_unreachable
 
-        go_offline_if_unreachable()  # an unreachable hub fails at once, not after five retries per file
+        offline = go_offline_if_unreachable()  # an unreachable hub fails at once, not after five retries per file
         try:
             ds = pick_split(datasets.load_dataset(path, split=split, cache_dir=cache_dir), split, path)
         except Exception as exc:
+            why = f"it is not in the local cache and {offline}" if offline else f"{type(exc).__name__}: {exc}"
             raise FileNotFoundError(
                 f"{path!r}: no such local file or directory, and loading it as a Hub dataset "
-                f"(split {split!r}) failed: {type(exc).__name__}: {exc}"
+                f"(split {split!r}) failed: {why}"
             ) from exc
         _check_columns(set(ds.column_names), f"{path} (Hub, split {split!r})")
         name = f"{path}[{split}]"

@@ -174,6 +174,17 @@ def test_hub_model_path_without_hub_fails_before_loading(
 
 
 @pytest.mark.parametrize("hub_unreachable", ["offline", "unreachable"], indirect=True)
+def test_hub_data_id_without_hub_fails_before_loading(
+    tiny_models, tmp_path, capsys, monkeypatch, hub_unreachable, no_training
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    err = _error(capsys, _train_args(tiny_models["sd15"], "nobody-xyz/no-such-data", tmp_path / "run"))
+    assert "data.path=nobody-xyz/no-such-data" in err and "loading it as a Hub dataset (split 'train') failed" in err
+    assert "not in the local cache and " + ("HF_HUB_OFFLINE is set" if hub_unreachable == "offline" else "the hub") in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("hub_unreachable", ["offline", "unreachable"], indirect=True)
 def test_scorer_without_local_weights_fails_at_once(tmp_path, capsys, hub_unreachable) -> None:
     import time
 
