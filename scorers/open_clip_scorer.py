@@ -44,6 +44,7 @@ __all__ = [
 DEFAULT_BATCH_SIZE = 16
 CLIP_SCORE_SCALE = 100.0  # clipscore-100's convention: 100 * cos, per sample
 HUB_TIMEOUT_S = 5.0
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # a hub repo's, preferred first
 
 
 def _import_open_clip() -> Any:
@@ -224,8 +225,8 @@ def load_open_clip_scorer(
     **options: Any,
 ) -> OpenClipScorer:
     """``variant``: the open_clip architecture (``openclip:ARCH``); ``weights``: a local checkpoint file
-    (``open_clip_pytorch_model.bin`` / ``.safetensors``, or a ``{"state_dict": ...}`` training checkpoint)
-    or a pretrained tag of that architecture. ``allow_pickle``: load a file that needs full unpickling."""
+    (``open_clip_pytorch_model.bin`` / ``.safetensors``, or a ``{"state_dict": ...}`` training checkpoint),
+    a folder holding one under open_clip's hub file names, or a pretrained tag of that architecture. ``allow_pickle``: load a file that needs full unpickling."""
     open_clip = _import_open_clip()
     if options:
         raise TypeError(f"unknown options for scorer 'openclip': {sorted(options)}")
@@ -236,6 +237,11 @@ def load_open_clip_scorer(
         tags = open_clip.list_pretrained_tags_by_model(variant)
         raise ValueError(f"{name} needs weights: a local checkpoint file, or a pretrained tag ({', '.join(tags) or 'none known'})")  # fmt: skip
     path = Path(weights).expanduser()
+    if path.is_dir():  # a downloaded hub repo of an open_clip model: its weights file by open_clip's names
+        found = [path / f for f in OPEN_CLIP_WEIGHT_FILES if (path / f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{name}: the folder {path} holds none of {', '.join(OPEN_CLIP_WEIGHT_FILES)}")
+        path = found[0]
     force_preprocess: dict[str, Any] = {}
     if not path.is_file():
         pretrained = open_clip.get_pretrained_cfg(variant, weights)

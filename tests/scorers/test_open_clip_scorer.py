@@ -78,6 +78,16 @@ def test_a_training_checkpoint_loads_too(hps_folder: Path, tmp_path: Path):
     torch.testing.assert_close(load_scorer(f"openclip:{TINY_ARCH}", weights=str(wrapped)).score(images, PROMPTS[:2]), direct, atol=1e-6, rtol=0)  # fmt: skip
 
 
+def test_a_folder_holding_the_hub_file_names_loads(hps_folder: Path, tmp_path: Path):
+    """A downloaded hub repo: the folder's ``open_clip_pytorch_model.bin`` is the weights; an empty folder is named."""
+    images = _images(2)[:2]
+    from_folder = load_scorer(f"openclip:{TINY_ARCH}", weights=str(hps_folder)).score(images, PROMPTS[:2])
+    from_file = load_scorer(f"openclip:{TINY_ARCH}", weights=str(hps_folder / OPEN_CLIP_WEIGHTS)).score(images, PROMPTS[:2])
+    torch.testing.assert_close(from_folder, from_file, atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match=r"holds none of open_clip_model\.safetensors, open_clip_pytorch_model\.bin"):
+        load_scorer(f"openclip:{TINY_ARCH}", weights=str(tmp_path))
+
+
 def test_cli_spec_openclip_arch_equals_weights(hps_folder: Path):
     """``--scorer openclip:ARCH=WEIGHTS`` parses to the name and the weights load_scorer takes;
     ``--scorer-option openclip:ARCH:KEY=VALUE`` reaches it (the option's KEY follows the last colon)."""
