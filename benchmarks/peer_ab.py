@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=None, help="DPO beta / MaPO beta_mapo (default 5000 / 0.1)")
     parser.add_argument("--diffalign-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra diffalign override for every diffalign arm (repeatable)")
+                        help="extra diffalign override for every diffalign arm (repeatable); {work} is this arm's "
+                             "folder of the round, e.g. train.reference_errors={work}/ref")
     parser.add_argument("--diffalign-pre", action="append", default=[], metavar="CMD",
                         help="a shell command run before every diffalign training run, its time counted in end to "
                              "end; {diffalign} {config} {overrides} {work} are filled in (repeatable)")
@@ -404,6 +405,11 @@ def fill_pre(command: str, diffalign: str, config: str, overrides: list[str], wo
     )
 
 
+def in_folder(overrides: list[str], folder: Path) -> list[str]:
+    """Fill `{work}` in overrides with this arm's and round's folder (a store a pre-command writes there)."""
+    return [item.replace("{work}", str(folder)) for item in overrides]
+
+
 def run_round_arm(arm: str, round_index: int, spec_for, args, env: dict[str, str], peer: Path,
                   dataset_dir: Path, scratch: Path) -> ArmRound:
     """One arm in one round: its pre-commands (diffalign), then its run of N steps (and of N1 if asked)."""
@@ -416,10 +422,10 @@ def run_round_arm(arm: str, round_index: int, spec_for, args, env: dict[str, str
     recipe = RECIPES[args.method]
     if arm == "cached":
         cache_override = [f"data.cache_dir={folder / 'cache'}"]
-        overrides = diffalign_overrides(spec_for(args.steps), folder / "out") + cache_override
+        overrides = in_folder(diffalign_overrides(spec_for(args.steps), folder / "out") + cache_override, folder)
         pre.append(measure([args.diffalign, "cache", recipe, *overrides], env, folder / "cache.log", folder))
     for index, command in enumerate(args.diffalign_pre if arm != "peer" else []):
-        overrides = diffalign_overrides(spec_for(args.steps), folder / "out") + cache_override
+        overrides = in_folder(diffalign_overrides(spec_for(args.steps), folder / "out") + cache_override, folder)
         line = fill_pre(command, args.diffalign, recipe, overrides, folder)
         pre.append(measure([line], env, folder / f"pre{index}.log", folder, shell=True))
     for item in pre:
@@ -432,7 +438,8 @@ def run_round_arm(arm: str, round_index: int, spec_for, args, env: dict[str, str
         if arm == "peer":
             argv = [args.python, str(peer), *peer_argv(spec_for(steps_now), dataset_dir, out)]
         else:
-            argv = [args.diffalign, "train", recipe, *diffalign_overrides(spec_for(steps_now), out), *cache_override]
+            argv = [args.diffalign, "train", recipe,
+                    *in_folder(diffalign_overrides(spec_for(steps_now), out) + cache_override, folder)]
         profile = None if not args.pyspy else [args.pyspy, "record", "--format", "raw", "--rate", "20",
                                                 "-o", str(folder / f"profile-{steps_now}.txt"), "--pid"]
         # the official MaPO script reads validation_prompts.json from the working directory: run peers in their checkout

@@ -341,3 +341,8 @@ def test_pyspy_buckets_tell_the_two_forwards_apart_on_both_sides(tmp_path):
 def test_pyspy_buckets_refuse_a_line_without_a_count():
     with pytest.raises(ValueError, match="line 2: expected 'frame;frame;... COUNT'"):
         buckets.parse_raw("a (f.py:1) 3\na (f.py:1) many\n")
+
+
+def test_overrides_may_name_the_rounds_folder(tmp_path):
+    overrides = ["train.reference_errors={work}/ref", "train.batch_size=4"]
+    assert peer_ab.in_folder(overrides, tmp_path) == [f"train.reference_errors={tmp_path}/ref", "train.batch_size=4"]
