@@ -10,6 +10,9 @@ $(BIN)/diffalign: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install --quiet -e ".[test]"
+	# The HPSv2 package itself, only so a test can hold our preprocessing against its own transform; --no-deps:
+	# it pins pytest 7.2 and protobuf < 4, and nothing imports it (the test loads its transform files by path).
+	$(BIN)/pip install --quiet --no-deps "hpsv2==1.2.0"
 	touch $@
 
 .PHONY: install quickstart test clean
