@@ -29,6 +29,7 @@ from diffalign.atomic import staged_folder
 from diffalign.data.manifest import MANIFEST_NAME
 from diffalign.data.report import SkipReport
 from diffalign.dtypes import parse_dtype
+from diffalign.hub_access import load_errors_as
 
 __all__ = [
     "GenerateSettings",
@@ -170,11 +171,13 @@ def load_pipeline(model: str, trained: TrainedWeights | None, dtype: str, device
         network_class = getattr(diffusers, config["_class_name"])
         components[trained.denoiser or "unet"] = network_class.from_pretrained(str(trained.folder), **dtype_option)
     # Components saved as absent (SD3 without T5: text_encoder_3 = [null, null]) must be passed as None.
-    index = diffusers.DiffusionPipeline.load_config(model)
-    absent = {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
-    pipeline = diffusers.DiffusionPipeline.from_pretrained(model, **dtype_option, **absent, **components)
+    with load_errors_as(f"--model {model}", model, "Pass a local diffusers pipeline folder as --model."):
+        index = diffusers.DiffusionPipeline.load_config(model)
+        absent = {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(model, **dtype_option, **absent, **components)
     if trained is not None and trained.kind == "lora":
-        pipeline.load_lora_weights(str(trained.folder))
+        with load_errors_as(f"--lora {trained.folder}", str(trained.folder), "Pass a run's output folder or a local LoRA folder."):
+            pipeline.load_lora_weights(str(trained.folder))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 

@@ -28,6 +28,8 @@ _QUIET_ENVIRONMENT = {  # read by the libraries when they are imported (the CLI 
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
 
+_NOISY_WARNING_MODULES = r"(torchvision|huggingface_hub|diffusers|transformers|accelerate|datasets)(\.|$)"
+
 _quiet_progress = False
 _verbose = False
 
@@ -49,7 +51,8 @@ def configure_output(verbose: bool = False, quiet: bool = False) -> None:
     else:
         for key, value in _QUIET_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision(\.|$)")
+        for category in (UserWarning, FutureWarning):  # deprecation notes meant for the libraries' callers, not users
+            warnings.filterwarnings("ignore", category=category, module=_NOISY_WARNING_MODULES)
     _apply_to_loaded_libraries(verbose)
 
 

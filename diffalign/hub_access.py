@@ -16,9 +16,13 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlparse
 
-__all__ = ["HubUnavailableError", "go_offline_if_unreachable", "hub_errors_as", "hub_unavailable_reason", "looks_like_hub_id"]
+__all__ = [
+    "HubUnavailableError", "go_offline_if_unreachable", "hub_errors_as", "hub_unavailable_reason", "load_errors_as",
+    "looks_like_hub_id",
+]
 
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 _TRUE = ("1", "true", "yes", "on")
@@ -129,3 +133,22 @@ def hub_errors_as(what: str, fix: str) -> Iterator[None]:
         raise HubUnavailableError(
             f"{what}: not a local path and not in the local hub cache, and {why}. {fix}"
         ) from None
+
+
+@contextmanager
+def load_errors_as(what: str, path: str | None, fix: str) -> Iterator[None]:
+    """Load weights named by ``path``: a local one's unreadable files, or a hub id's unreachable hub, end in one message.
+
+    ``what`` names the setting (``"--model nobody/x"``); ``fix`` says what to pass instead.
+    A local path's OSError (a file missing from the folder) becomes FileNotFoundError naming it.
+    """
+    if path is not None and Path(path).expanduser().exists():
+        try:
+            yield
+        except OSError as error:
+            text = str(error).strip()
+            first = text.splitlines()[0] if text else type(error).__name__
+            raise FileNotFoundError(f"{what}: cannot load it: {first}. {fix}") from None
+        return
+    with hub_errors_as(what, fix):
+        yield

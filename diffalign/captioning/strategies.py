@@ -18,6 +18,7 @@ Pick-a-Pic parquet file (or folder of shards) or a JSONL manifest.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -30,6 +31,7 @@ from diffalign.captioning.perturb import (
     seeded_generation,
 )
 from diffalign.dtypes import parse_dtype
+from diffalign.hub_access import load_errors_as
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -306,26 +308,31 @@ def build_strategy(name: str, settings: CaptionSettings | None = None) -> Captio
 
 
 def _perturber(s: CaptionSettings) -> Perturber:
-    return load_perturber(
-        s.perturb_model,
-        s.level,
-        prefix=s.perturb_prefix,
-        max_new_tokens=s.max_new_tokens,
-        device=s.device,
-        dtype=s.dtype,
-    )
+    model = None if s.perturb_model == "rules" else s.perturb_model
+    with contextlib.nullcontext() if model is None else load_errors_as(
+        f"perturb_model {model}", model, "Pass a local text2text model folder, or perturb_model='rules' (offline)."
+    ):
+        return load_perturber(
+            s.perturb_model,
+            s.level,
+            prefix=s.perturb_prefix,
+            max_new_tokens=s.max_new_tokens,
+            device=s.device,
+            dtype=s.dtype,
+        )
 
 
 def _captioner(s: CaptionSettings, strategy: str) -> ImageCaptioner:
     if not s.caption_model:
         raise ValueError(f"caption strategy {strategy!r} needs caption_model (an image-to-text model id or folder)")
-    return ImageCaptioner(
-        s.caption_model,
-        max_new_tokens=s.max_new_tokens,
-        condition_on_prompt=s.condition_on_prompt,
-        device=s.device,
-        dtype=s.dtype,
-    )
+    with load_errors_as(f"caption_model {s.caption_model}", s.caption_model, "Pass a local image-to-text model folder."):
+        return ImageCaptioner(
+            s.caption_model,
+            max_new_tokens=s.max_new_tokens,
+            condition_on_prompt=s.condition_on_prompt,
+            device=s.device,
+            dtype=s.dtype,
+        )
 
 
 register_strategy("perturb", lambda s: PerturbStrategy(_perturber(s)))

@@ -200,6 +200,24 @@ def test_scorer_without_local_weights_fails_at_once(tmp_path, capsys, hub_unreac
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("hub_unreachable", ["offline", "unreachable"], indirect=True)
+@pytest.mark.parametrize("command", ["generate", "captions caption_model", "captions perturb_model"])
+def test_model_hub_ids_of_generate_and_captions_fail_at_once(command, toy_pairs, tmp_path, capsys, hub_unreachable) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    argv = {
+        "generate": ["generate", "--model", "nobody-xyz/model", "--prompts", str(prompts), "--out", str(tmp_path / "o")],
+        "captions caption_model": ["captions", str(toy_pairs), str(tmp_path / "o.parquet"), "--strategy", "caption",
+                                   "--caption-model", "nobody-xyz/model"],
+        "captions perturb_model": ["captions", str(toy_pairs), str(tmp_path / "o.parquet"), "--perturb-model",
+                                   "nobody-xyz/model"],
+    }[command]  # fmt: skip
+    err = _error(capsys, argv)
+    setting = {"generate": "--model", "captions caption_model": "caption_model", "captions perturb_model": "perturb_model"}
+    assert f"{setting[command]} nobody-xyz/model: not a local path and not in the local hub cache" in err
+    assert "Pass a local" in err and len(err.strip().splitlines()) == 1
+
+
 def test_scorer_weights_that_are_a_missing_local_path(tmp_path, capsys) -> None:
     from PIL import Image
 
