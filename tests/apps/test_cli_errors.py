@@ -73,6 +73,14 @@ def test_missing_caption_column_is_one_line_naming_it(tiny_models, toy_pairs, tm
     assert len(err.strip().splitlines()) == 1
 
 
+def test_dcpo_on_pairs_without_per_image_captions(tiny_models, toy_pairs, tmp_path, capsys, no_training) -> None:
+    argv = _train_args(tiny_models["sd15"], toy_pairs, tmp_path / "run")
+    argv[1] = str(REPO / "configs/sd15/dcpo.yaml")
+    err = _error(capsys, argv)
+    assert "pairs.parquet: no row has per-image captions" in err and "which dcpo needs" in err
+    assert "`diffalign captions`" in err  # what to do
+
+
 def test_relative_missing_data_path_is_a_local_path_not_a_hub_id(
     tiny_models, tmp_path, capsys, monkeypatch, no_training
 ) -> None:
