@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -155,7 +155,7 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
-def _drain(stream, log, label: bytes | None, marks: list[tuple[float, int]], pid: int = 0,
+def _drain(stream: Any, log: Any, label: bytes | None, marks: list[tuple[float, int]], pid: int = 0,
            cpu_marks: list[tuple[float, int]] | None = None) -> None:
     """Copy the child's output to its log; note when each new count of the `label` progress bar appears,
     and the child's CPU seconds at that moment (`cpu_marks`)."""
@@ -410,8 +410,8 @@ def in_folder(overrides: list[str], folder: Path) -> list[str]:
     return [item.replace("{work}", str(folder)) for item in overrides]
 
 
-def run_round_arm(arm: str, round_index: int, spec_for, args, env: dict[str, str], peer: Path,
-                  dataset_dir: Path, scratch: Path) -> ArmRound:
+def run_round_arm(arm: str, round_index: int, spec_for: Callable[[int], ABSpec], args: argparse.Namespace,
+                  env: dict[str, str], peer: Path, dataset_dir: Path, scratch: Path) -> ArmRound:
     """One arm in one round: its pre-commands (diffalign), then its run of N steps (and of N1 if asked)."""
     folder = scratch / f"round{round_index}-{arm}"
     if folder.exists():
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "rounds": args.rounds, "threads": args.threads, "peer_script": str(peer), "arms": arms,
                               "model": str(args.model), "data": str(args.data), "runs": {}}
 
-    def spec(precision: str):
+    def spec(precision: str) -> Callable[[int], ABSpec]:
         def spec_for(steps_now: int) -> ABSpec:
             return ABSpec(method=args.method, model=str(Path(args.model).resolve()), data=str(args.data.resolve()),
                           steps=steps_now, rows=rows_used, precision=precision, batch_pairs=args.batch,
