@@ -17,10 +17,10 @@ import types
 import warnings
 from typing import Any
 
-__all__ = ["configure_output", "show_progress"]
+__all__ = ["QUIET_ENVIRONMENT", "configure_output", "show_progress"]
 
 _LIBRARY_LOGGERS = ("httpx", "urllib3", "huggingface_hub", "diffusers", "transformers", "accelerate", "datasets", "torchvision")
-_QUIET_ENVIRONMENT = {  # read by the libraries when they are imported (the CLI imports them lazily, after this)
+QUIET_ENVIRONMENT = {  # read by the libraries when they are imported (the CLI imports them lazily, after this)
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "error",
@@ -45,11 +45,11 @@ def configure_output(verbose: bool = False, quiet: bool = False) -> None:
     for name in _LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(level)
     if verbose:
-        for key, value in _QUIET_ENVIRONMENT.items():
+        for key, value in QUIET_ENVIRONMENT.items():
             if os.environ.get(key) == value:
                 os.environ.pop(key)
     else:
-        for key, value in _QUIET_ENVIRONMENT.items():
+        for key, value in QUIET_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
         for category in (UserWarning, FutureWarning):  # deprecation notes meant for the libraries' callers, not users
             warnings.filterwarnings("ignore", category=category, module=_NOISY_WARNING_MODULES)

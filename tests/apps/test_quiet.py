@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from diffalign.apps.output import _QUIET_ENVIRONMENT  # noqa: PLC2701 -- the keys the CLI sets, not to be inherited here
+from diffalign.apps.output import QUIET_ENVIRONMENT  # the keys the CLI sets: not to be inherited by the runs here
 
 # What the libraries print on a one-step run, and what must stay hidden unless --verbose.
 LIBRARY_NOISE = ("Loading weights", "should be kept in float32", "Generating train split")
 
 
 def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {key: value for key, value in os.environ.items() if key not in _QUIET_ENVIRONMENT}
+    env = {key: value for key, value in os.environ.items() if key not in QUIET_ENVIRONMENT}
     env["HF_HUB_OFFLINE"] = "1"
     command = [sys.executable, "-m", "diffalign.apps.cli", *argv]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
