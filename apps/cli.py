@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         where = error.filename or "a path"
         print(f"diffalign {command_name(args)}: error: {where}: {error.strerror or error}; choose another path", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing half-written is left to explain
+        print(f"diffalign {command_name(args)}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -296,6 +296,17 @@ def test_recipes_show_applies_an_override_given_after_an_option(capsys) -> None:
     assert "  max_steps: 7  #" in capsys.readouterr().out
 
 
+def test_ctrl_c_is_one_line(monkeypatch, capsys) -> None:
+    from diffalign import recipes
+
+    def interrupted() -> dict:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes, "available", interrupted)  # what `diffalign recipes` calls first
+    assert cli.main(["recipes"]) == 130
+    assert capsys.readouterr().err == "diffalign recipes: interrupted\n"
+
+
 def test_unknown_recipe_is_one_line(capsys) -> None:
     err = _error(capsys, ["train", "no/such-recipe"])
     assert "no/such-recipe" in err and "`diffalign recipes` lists them" in err
