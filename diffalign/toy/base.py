@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from diffalign.tiny import build_pipeline
 from diffalign.toy.world import ToyWorldSpec, write_toy_world
 
 BASE_VERSION = 1
+SHIPPED_TOY_BASE = Path(__file__).parent / "shipped_base"  # the default recipe's base; `python -m diffalign.toy.shipped` rebuilds it
 
 
 @dataclass(frozen=True)
@@ -169,17 +171,36 @@ def ensure_toy_world_and_base(cache_root: str | Path, recipe: ToyBaseRecipe = To
         return _ensure_toy_world_and_base(cache_root, recipe, n_heldout, log)
 
 
-def _ensure_toy_world(cache_root: Path, recipe: ToyBaseRecipe, n_heldout: int):
+def ensure_toy_world(cache_root: Path, recipe: ToyBaseRecipe, n_heldout: int = 300):
+    """The toy world of ``recipe`` (train and held-out pairs) under ``cache_root``, written on first use."""
     folder = cache_root / f"toy-world-{recipe.world.fingerprint()}"
     return write_toy_world(folder, recipe.world, n_train=recipe.n_train, n_heldout=n_heldout, train_seed=recipe.seed, heldout_seed=recipe.seed + 1)
 
 
 def _ensure_toy_world_and_base(cache_root: Path, recipe: ToyBaseRecipe, n_heldout: int, log):
-    world = _ensure_toy_world(cache_root, recipe, n_heldout)
+    world = ensure_toy_world(cache_root, recipe, n_heldout)
     base = cache_root / f"toy-base-{recipe.fingerprint()}"
     if not (base / "toy_base.json").is_file():
-        build_toy_base(base, recipe, world.train, log)
+        shipped = shipped_toy_base(recipe)
+        if shipped is None:
+            build_toy_base(base, recipe, world.train, log)
+        else:
+            with staged_folder(base) as staging:
+                shutil.copytree(shipped, staging, dirs_exist_ok=True)
+            log(f"toy base: the copy shipped with diffalign, built from this recipe by `python -m diffalign.toy.shipped` -> {base}")
     return world, base
+
+
+def shipped_toy_base(recipe: ToyBaseRecipe) -> Path | None:
+    """The toy base shipped inside the package, if it was built from ``recipe``, else None.
+
+    Why ship it: building takes ~3 minutes on 2 cores, most of the quickstart's first run. The shipped
+    folder records the recipe's fingerprint, so a changed recipe is built, never served stale weights.
+    """
+    marker = SHIPPED_TOY_BASE / "toy_base.json"
+    if not marker.is_file():
+        return None
+    return SHIPPED_TOY_BASE if json.loads(marker.read_text()).get("fingerprint") == recipe.fingerprint() else None
 
 
 def ensure_toy_turbo(cache_root: str | Path, recipe: ToyBaseRecipe = ToyBaseRecipe(), steps: int = 300, log=print) -> Path:
@@ -256,7 +277,7 @@ def ensure_flow_toy_base(cache_root: str | Path, recipe: FlowToyBaseRecipe = Flo
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
     with FileLock(cache_root / ".toy-base.lock"):  # the world's writer, as for the SD base
-        world = _ensure_toy_world(cache_root, recipe, n_heldout)
+        world = ensure_toy_world(cache_root, recipe, n_heldout)
     with FileLock(cache_root / ".toy-flow-base.lock"):
         base = Path(cache_root) / f"toy-flow-base-{recipe.fingerprint()}"
         if not (base / "toy_base.json").is_file():

@@ -255,7 +255,8 @@ def test_two_processes_sharing_a_toy_cache_build_the_base_once(tmp_path, monkeyp
     monkeypatch.setattr(toy_base, "write_toy_world", lambda folder, *a, **k: type("W", (), {"train": folder / "train.parquet"})())
     monkeypatch.setattr(toy_base, "build_toy_base", slow_build)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(toy_base.ensure_toy_world_and_base(tmp_path)[1])) for _ in range(2)]
+    recipe = toy_base.ToyBaseRecipe(unet_steps=1)  # not the default recipe, whose base ships with the package
+    threads = [threading.Thread(target=lambda: results.append(toy_base.ensure_toy_world_and_base(tmp_path, recipe)[1])) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -1,0 +1,35 @@
+"""Rebuild the toy base that ships inside the package: ``python -m diffalign.toy.shipped [--out DIR]``.
+
+Run it after any change to :class:`~diffalign.toy.base.ToyBaseRecipe`, the toy world or the tiny
+SD1.5 architecture, and commit the folder: until then the shipped copy's fingerprint no longer
+matches the recipe and every user builds the base themselves (a test fails to say so). It is the
+same build the cache runs (``build_toy_base``), on the same toy world.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from diffalign.toy.base import SHIPPED_TOY_BASE, ToyBaseRecipe, build_toy_base, ensure_toy_world
+
+
+def rebuild_shipped_base(out: Path = SHIPPED_TOY_BASE, recipe: ToyBaseRecipe = ToyBaseRecipe(), log=print) -> Path:
+    """Build ``recipe``'s toy base into ``out`` (atomically), its world in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="diffalign-toy-world-") as scratch:
+        world = ensure_toy_world(Path(scratch), recipe)
+        return build_toy_base(out, recipe, world.train, log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffalign.toy.shipped", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=SHIPPED_TOY_BASE, help="where to write the base (default: the package's copy)")
+    args = parser.parse_args(argv)
+    print(rebuild_shipped_base(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
