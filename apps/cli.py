@@ -79,7 +79,7 @@ def _cache(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, args.overrides)
     if config.data.cache_dir is None:
         raise ConfigError("set data.cache_dir (in the config or as data.cache_dir=PATH)")
-    check_data(config)
+    check_data(config, from_cache=False)  # the cache is built from the raw data, even over an existing one
     check_model_path(config.model.path, config.model.revision)
     from diffalign.writable import check_writable
 

@@ -31,13 +31,14 @@ def check_run_inputs(config: TrainConfig, output: bool = True) -> None:
     check_model_path(config.model.path, config.model.revision)
 
 
-def check_data(config: TrainConfig) -> None:
+def check_data(config: TrainConfig, from_cache: bool = True) -> None:
     """Open the data as the method will (cheap columns only) and require at least one row.
 
-    A cached run (``data.cache_dir`` that exists) is checked against its cache by the loop instead.
+    A run that reads an existing ``data.cache_dir`` (``from_cache``) is checked against its cache by the
+    loop instead; ``diffalign cache`` (which reads the raw data to build it) passes ``from_cache=False``.
     """
     data = config.data
-    if data.cache_dir is not None and Path(data.cache_dir).exists():
+    if from_cache and data.cache_dir is not None and Path(data.cache_dir).exists():
         return
     layout = objective_entry(config.method.name).data
     quiet = SkipReport(log_first=0, log_every=10**9)  # the run reports the skipped rows itself
