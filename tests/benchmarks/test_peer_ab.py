@@ -251,6 +251,26 @@ def test_measure_reports_the_childs_peak_rss_and_exit_status(tmp_path):
     assert (tmp_path / "small.txt").read_text() == "hi\n"
 
 
+def test_measure_leaves_out_a_large_launchers_memory(tmp_path):
+    # Linux folds the launcher's high-water mark into the child's ru_maxrss at exec: a 200 MiB run
+    # started from a 700 MiB process (a pytest worker that loaded a big model) must still read 200 MiB
+    launcher_block = bytearray(700 * 1024 * 1024)
+    launcher_block[::4096] = b"x" * len(launcher_block[::4096])
+    code = (
+        "import time; block = bytearray(200 * 1024 * 1024); block[::4096] = b'x' * len(block[::4096]); "
+        "time.sleep(1.0)"
+    )
+    measured = peer_ab.measure([sys.executable, "-c", code], {}, tmp_path / "log.txt", tmp_path)
+    del launcher_block
+    assert measured.returncode == 0
+    assert 200 <= measured.peak_rss_mib < 400
+
+
+def test_peak_rss_trusts_ru_maxrss_only_above_the_launchers_high_water():
+    assert peer_ab.peak_rss(ru_maxrss_mib=900.0, launcher_high_water_mib=500.0, sampled_high_water_mib=880.0) == 900.0
+    assert peer_ab.peak_rss(ru_maxrss_mib=500.0, launcher_high_water_mib=500.0, sampled_high_water_mib=210.0) == 210.0
+
+
 def test_measure_notes_when_each_step_count_of_the_bar_appears(tmp_path):
     # a tqdm-like bar on stderr ("\r", no newline until the end), 0.3 s per step; another bar is ignored
     code = (
