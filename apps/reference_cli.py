@@ -22,7 +22,8 @@ def add_reference_parsers(commands: Any) -> None:
     )
     parser.add_argument("config", help="the training recipe (a shipped name such as sdxl/dpo, or a YAML file)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, the same as the training run's")
-    parser.add_argument("--output", default=None, help="the store folder (default: the config's train.reference_errors)")
+    parser.add_argument("--output", default=None, help="the store folder (default: the config's train.reference_errors; for 'auto', "
+                        "<train.output_dir>/reference_errors, which that run then reuses)")
     parser.add_argument("--num-processes", type=int, default=1,
                         help="processes the training run will use (each draws its own batches): the store covers them all")
     parser.add_argument("--batch-size", type=int, default=32, help="groups per inference forward (any value gives the same errors)")
@@ -35,10 +36,14 @@ def _reference_errors(args: argparse.Namespace) -> int:
 
     from diffalign.config import ConfigError
     from diffalign.trainers.config import load_train_config
-    from diffalign.trainers.reference_errors import build_reference_errors
+    from pathlib import Path
+
+    from diffalign.trainers.reference_errors import AUTO, AUTO_FOLDER, build_reference_errors
 
     config = load_train_config(args.config, args.overrides)
     folder = args.output or config.train.reference_errors
+    if folder == AUTO:  # where `diffalign train ... train.reference_errors=auto` looks first
+        folder = str(Path(config.train.output_dir) / AUTO_FOLDER)
     if folder is None:
         raise ConfigError("diffalign reference-errors: name the store folder with --output DIR or train.reference_errors=DIR")
     if args.num_processes < 1 or args.batch_size < 1:

@@ -43,7 +43,8 @@ from .models import (
     enable_memory_savers,
 )
 from .objectives import objective_entry
-from .reference_errors import ReferenceErrors
+from .reference_errors import AUTO, AUTO_FOLDER, ReferenceErrors, store_reference_errors, stored_reference_covers
+from .performance import compile_denoiser, set_malloc_mmap_threshold, use_channels_last
 from .pso.online import Reward, SampledStep, resolve_reward
 from .step import DenoisingStep
 from .trackers import accelerate_log_with, flat_hyperparameters
@@ -79,6 +80,7 @@ def train(config: TrainConfig, reward: Reward | None = None, validation_scorer: 
         raise ConfigError("train.push_to_hub=true but HF_HUB_OFFLINE is set: unset it, or set train.push_to_hub=false "
                           "and push later with `diffalign push OUTPUT_DIR REPO_ID`")
     log_with = accelerate_log_with(config.train.report_to)  # a missing tracker package fails here, before any loading
+    set_malloc_mmap_threshold(config.train.malloc_mmap_threshold)  # before the models' memory is allocated
     accelerator = Accelerator(
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=config.train.mixed_precision,
@@ -128,16 +130,24 @@ def setup_training(config: TrainConfig, accelerator, reward: Reward | None = Non
     weight_dtype = torch.float32 if run.mixed_precision == "no" else parse_dtype(run.mixed_precision)
     entry = objective_entry(config.method.name)
     objective = entry.build(config.method)  # type: ignore[arg-type]
-    precomputed = _precomputed_reference(config, objective.needs_reference, entry.step)
+    _check_reference_errors_setting(config, objective.needs_reference, entry.step)
+    precomputed = None if run.reference_errors in (None, AUTO) else ReferenceErrors(run.reference_errors, config)
     # Validation images need the text encoders and the VAE even when training reads a cache.
     validating = config.validation.active(accelerator.device.type)
     backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None or validating)
     data = build_training_data(config, backbone, entry.data, accelerator)
     backbone.to(accelerator.device, weight_dtype)
+    if run.reference_errors == AUTO:  # before adapters or a frozen copy exist: the base is the reference
+        precomputed = _reference_errors_in_process(config, accelerator, backbone, data)
     policy, reference = build_policy_and_reference(
         backbone, run.mode, config.lora, objective.needs_reference and precomputed is None, weight_dtype, accelerator.device
     )
     enable_memory_savers(policy, run.gradient_checkpointing, config.model.attention)
+    if run.channels_last:
+        use_channels_last(policy)
+        if reference is not None and run.mode == "full":
+            use_channels_last(reference.network)  # type: ignore[attr-defined]
+    compile_denoiser(policy, run.compile)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     effective_batch = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
     learning_rate = run.learning_rate * effective_batch if run.scale_lr else run.learning_rate
@@ -156,17 +166,29 @@ def setup_training(config: TrainConfig, accelerator, reward: Reward | None = Non
     )
 
 
-def _precomputed_reference(config: TrainConfig, needs_reference: bool, step_kind: str) -> ReferenceErrors | None:
-    """The checked store of ``train.reference_errors``, before any model loads (a stale one fails fast)."""
-    if config.train.reference_errors is None:
-        return None
-    if not needs_reference or step_kind == "sampled":
+def _check_reference_errors_setting(config: TrainConfig, needs_reference: bool, step_kind: str) -> None:
+    """Before any model loads: a method without a precomputable reference refuses the setting."""
+    if config.train.reference_errors is not None and (not needs_reference or step_kind == "sampled"):
         raise ConfigError(
             f"train.reference_errors: method {config.method.name} "
             + ("uses no reference model" if not needs_reference else "samples its own images online")
             + "; unset train.reference_errors"
         )
-    return ReferenceErrors(config.train.reference_errors, config)
+
+
+def _reference_errors_in_process(config: TrainConfig, accelerator, backbone, data: TrainingData) -> ReferenceErrors:
+    """train.reference_errors=auto: the main process computes the store with the base model already
+    loaded (no second start-up), or reuses <output_dir>/reference_errors when it is current and covers
+    this run (a resume); every process then reads it."""
+    folder = Path(config.train.output_dir) / AUTO_FOLDER
+    if accelerator.is_main_process:
+        if stored_reference_covers(folder, config, accelerator.num_processes):
+            print(f"diffalign: reusing the reference errors in {folder}")
+        else:
+            store_reference_errors(config, backbone, data, folder, accelerator.num_processes,
+                                   config.train.reference_batch_size, accelerator.device)
+    accelerator.wait_for_everyone()
+    return ReferenceErrors(folder, config)
 
 
 def _run(config: TrainConfig, accelerator, reward: Reward | None, validation_scorer: Scorer | None) -> TrainResult:

@@ -116,16 +116,37 @@ def build_reference_errors(
     ``num_processes``: the processes the training run will use (each draws its own batches).
     ``batch_size``: groups per inference forward (any value: each group's noise is its own).
     """
+    _check_method(config)
+    device = torch.device(device)
+    backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
+    data = build_training_data(config, backbone, objective_entry(config.method.name).data)
+    backbone.to(device, _weight_dtype(config))
+    return store_reference_errors(config, backbone, data, folder, num_processes, batch_size, device, log)
+
+
+def _check_method(config: TrainConfig) -> None:
     entry = objective_entry(config.method.name)
     if not entry.build(config.method).needs_reference:  # type: ignore[arg-type]
         raise ConfigError(f"method {config.method.name} uses no reference model: there are no reference errors to compute")
     if entry.step == "sampled":
         raise ConfigError(f"method {config.method.name} samples its own images online: its reference cannot be precomputed")
-    device = torch.device(device)
+
+
+def store_reference_errors(
+    config: TrainConfig,
+    backbone: Backbone,
+    data: TrainingData,
+    folder: str | Path,
+    num_processes: int,
+    batch_size: int,
+    device: torch.device,
+    log=print,
+) -> Path:
+    """The store of ``config``'s run from an already loaded base model (on ``device``, in the run's
+    weight dtype, no adapters yet) and training data: `diffalign train` calls this in-process
+    (``train.reference_errors=auto``), so the pass pays no second start-up or model load."""
+    _check_method(config)
     weight_dtype = _weight_dtype(config)
-    backbone = load_backbone(config.model, load_encoders=config.data.cache_dir is None)
-    data = build_training_data(config, backbone, entry.data)
-    backbone.to(device, weight_dtype)
     reference = FrozenCopyReference(backbone.denoiser)
     drawn = _drawn_batches(config, num_processes)
     sampler = EpochBatchSampler(len(data.dataset), config.train.batch_size, config.train.seed, shuffle=True, drop_last=True)
@@ -137,15 +158,34 @@ def build_reference_errors(
         "format": STORE_FORMAT,
         "format_version": STORE_VERSION,
         "key": reference_key(config),
-        "coverage": {"max_steps": config.train.max_steps, "batch_size": config.train.batch_size,
-                     "gradient_accumulation_steps": config.train.gradient_accumulation_steps,
-                     "num_processes": num_processes, "groups": len(seeds)},
+        "coverage": _coverage(config, num_processes) | {"groups": len(seeds)},
         "skipped": data.report.to_dict(),
     }
     with staged_folder(Path(folder)) as staging:
         save_file({"noise_seed": seeds, "errors": errors}, str(staging / ERRORS_FILE))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Path(folder)
+
+
+def _coverage(config: TrainConfig, num_processes: int) -> dict[str, int]:
+    return {"max_steps": config.train.max_steps, "batch_size": config.train.batch_size,
+            "gradient_accumulation_steps": config.train.gradient_accumulation_steps, "num_processes": num_processes}
+
+
+def stored_reference_covers(folder: str | Path, config: TrainConfig, num_processes: int) -> bool:
+    """Whether ``folder`` holds a current store (same key) for every group this run draws: what
+    ``train.reference_errors=auto`` reuses (a resumed run) instead of computing again."""
+    manifest_file = Path(folder) / MANIFEST
+    if not manifest_file.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, ValueError):
+        return False
+    coverage, wanted = manifest.get("coverage", {}), _coverage(config, num_processes)
+    same_geometry = all(coverage.get(name) == value for name, value in wanted.items() if name != "max_steps")
+    return (manifest.get("key") == reference_key(config) and same_geometry
+            and int(coverage.get("max_steps", 0)) >= config.train.max_steps)
 
 
 def _first_keys(sampler: EpochBatchSampler, batches: int) -> list[tuple[int, int]]:
@@ -197,6 +237,10 @@ def _to_device(batch: dict, device: torch.device) -> dict:
         return value
 
     return {key: move(value) for key, value in batch.items()}
+
+
+AUTO = "auto"  # train.reference_errors=auto: computed by `diffalign train` itself, before its first step
+AUTO_FOLDER = "reference_errors"  # ... into this folder of the run's output_dir
 
 
 class ReferenceErrors:
