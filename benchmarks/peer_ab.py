@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of both sides")
     parser.add_argument("--arms", default="raw,cached", help="diffalign arms: raw (as is), cached (diffalign cache first)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
+                        help="one more diffalign arm: the raw arm with these overrides on top (a lever on), "
+                        "e.g. --variant ref=train.reference_errors=auto; alternates with the others")
     parser.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rank", type=int, default=4)
@@ -454,6 +457,19 @@ def in_folder(overrides: list[str], folder: Path) -> list[str]:
     return [item.replace("{work}", str(folder)) for item in overrides]
 
 
+def parse_variants(items: list[str]) -> dict[str, list[str]]:
+    """`--variant NAME=KEY=VALUE[,KEY=VALUE...]` -> {NAME: [KEY=VALUE, ...]} (extra raw arms, a lever each)."""
+    variants: dict[str, list[str]] = {}
+    for item in items:
+        name, _, overrides = item.partition("=")
+        pairs = [pair.strip() for pair in overrides.split(",") if pair.strip()]
+        if not name or name in (*ARMS, "peer") or name in variants or not pairs or not all("=" in pair for pair in pairs):
+            raise ValueError(f"--variant {item!r}: want NAME=KEY=VALUE[,KEY=VALUE...] with a new NAME "
+                             f"(not {', '.join((*ARMS, 'peer'))})")
+        variants[name] = pairs
+    return variants
+
+
 def run_round_arm(arm: str, round_index: int, spec_for: Callable[[int], ABSpec], args: argparse.Namespace,
                   env: dict[str, str], peer: Path, dataset_dir: Path, scratch: Path) -> ArmRound:
     """One arm in one round: its pre-commands (diffalign), then its run of N steps (and of N1 if asked)."""
@@ -464,6 +480,7 @@ def run_round_arm(arm: str, round_index: int, spec_for: Callable[[int], ABSpec],
     pre: list[Measured] = []
     cache_override: list[str] = []
     recipe = RECIPES[args.method]
+    variant = parse_variants(args.variant).get(arm, [])
     if arm == "cached":
         cache_override = [f"data.cache_dir={folder / 'cache'}"]
         overrides = in_folder(diffalign_overrides(spec_for(args.steps), folder / "out") + cache_override, folder)
@@ -483,7 +500,7 @@ def run_round_arm(arm: str, round_index: int, spec_for: Callable[[int], ABSpec],
             argv = [args.python, str(peer), *peer_argv(spec_for(steps_now), dataset_dir, out)]
         else:
             argv = [args.diffalign, "train", recipe,
-                    *in_folder(diffalign_overrides(spec_for(steps_now), out) + cache_override, folder)]
+                    *in_folder(diffalign_overrides(spec_for(steps_now), out) + cache_override + variant, folder)]
         profile = None if not args.pyspy else [args.pyspy, "record", "--format", "raw", "--rate", "20",
                                                 "-o", str(folder / f"profile-{steps_now}.txt"), "--pid"]
         # the official MaPO script reads validation_prompts.json from the working directory: run peers in their checkout
@@ -507,7 +524,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not 0 <= args.warmup < args.steps - 1:
         raise SystemExit(f"peer_ab: --warmup {args.warmup} must leave at least 2 timed steps of --steps {args.steps}")
     arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    try:
+        variants = parse_variants(args.variant)
+    except ValueError as error:
+        raise SystemExit(f"peer_ab: {error}") from None
     unknown = [arm for arm in arms if arm not in ARMS]
+    arms += [name for name in variants if name not in arms]
     if unknown:
         raise SystemExit(f"peer_ab: --arms {args.arms}: unknown arm(s) {unknown}; choose from {list(ARMS)}")
     if not args.data.is_file():

@@ -366,3 +366,13 @@ def test_pyspy_buckets_refuse_a_line_without_a_count():
 def test_overrides_may_name_the_rounds_folder(tmp_path):
     overrides = ["train.reference_errors={work}/ref", "train.batch_size=4"]
     assert peer_ab.in_folder(overrides, tmp_path) == [f"train.reference_errors={tmp_path}/ref", "train.batch_size=4"]
+
+
+def test_variants_are_extra_arms_with_their_overrides_and_bad_ones_are_refused():
+    assert peer_ab.parse_variants(["ref=train.reference_errors=auto", "all=train.reference_errors=auto,train.channels_last=true"]) == {
+        "ref": ["train.reference_errors=auto"],
+        "all": ["train.reference_errors=auto", "train.channels_last=true"],
+    }
+    for bad in (["raw=train.seed=1"], ["peer=train.seed=1"], ["x="], ["x=novalue"], ["x=a=1", "x=b=2"]):
+        with pytest.raises(ValueError, match="NAME=KEY=VALUE"):
+            peer_ab.parse_variants(bad)
