@@ -49,6 +49,11 @@ class TrainSection(StrictModel):
     learning_rate: float = Field(1e-5, gt=0)
     scale_lr: bool = Field(False, description="Multiply the lr by batch_size x accumulation x processes (official DPO).")
     optimizer: Literal["adamw", "adafactor", "adamw8bit"] = "adamw"
+    adam_implementation: Literal["fused", "foreach", "for-loop"] = Field(
+        "fused", description="AdamW's kernels: 'fused' updates every parameter in one kernel per device (CPU: 3.7x faster "
+        "than the for-loop, 6.8x than foreach on a 98 M-parameter UNet, benchmarks/optimizer_step.py); the others are "
+        "torch's multi-tensor and per-parameter loops. Results agree to float rounding."
+    )
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8

@@ -112,7 +112,8 @@ def build_optimizer(parameters: list[nn.Parameter], section: TrainSection, learn
         "weight_decay": section.weight_decay,
     }
     if section.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, **adam)
+        implementation = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+        return torch.optim.AdamW(parameters, **adam, **implementation[section.adam_implementation])
     try:
         import bitsandbytes as bnb
     except ImportError:

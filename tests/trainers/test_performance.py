@@ -95,3 +95,30 @@ def test_compile_blocks_compiles_each_repeated_block_in_place_and_names_a_model_
     assert list(unet.state_dict()) == names  # in place: checkpoints keep their keys
     with pytest.raises(ConfigError, match="names no repeated blocks; use train.compile=full"):
         compile_denoiser(torch.nn.Sequential(torch.nn.Linear(2, 2)), "blocks")
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach", "for-loop"])
+def test_every_adamw_implementation_takes_the_same_steps(implementation):
+    from diffalign.trainers.config import TrainSection
+    from diffalign.trainers.models import build_optimizer
+
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 32, generator=generator), torch.randn(32, generator=generator)]
+    gradients = [[torch.randn_like(value) for value in start] for _ in range(5)]
+
+    def trained(name: str) -> list[torch.Tensor]:
+        parameters = [torch.nn.Parameter(value.clone()) for value in start]
+        optimizer = build_optimizer(parameters, TrainSection(adam_implementation=name), learning_rate=1e-2)
+        for step in gradients:
+            for parameter, gradient in zip(parameters, step):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+        return [parameter.detach() for parameter in parameters]
+
+    optimizer = build_optimizer([torch.nn.Parameter(start[0].clone())], TrainSection(adam_implementation=implementation), 1e-2)
+    flags = optimizer.defaults
+    assert (flags["fused"] is True) == (implementation == "fused")
+    assert (flags["foreach"] is True) == (implementation == "foreach")
+    for ours, loop in zip(trained(implementation), trained("for-loop")):
+        torch.testing.assert_close(ours, loop)  # float rounding only; the weights moved by ~5e-2
+        assert not torch.equal(loop, start[0] if loop.dim() == 2 else start[1])
