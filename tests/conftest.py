@@ -60,8 +60,32 @@ def toy_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
     root = tmp_path_factory.getbasetemp().parent / "toy-cache" if shared else tmp_path_factory.mktemp("toy-cache")
+    seed_toy_cache(root)
     ensure_toy_world_and_base(root)
     return root
+
+
+# The toy turbo and the flow toy base as `python -m diffalign.toy.shipped --test-bases` built them: the
+# learning tests start from these instead of a 2-6 minute build each. Their folder names are the cache's
+# own (fingerprints of the recipes), so after a recipe change they are simply not used, and
+# tests/core/test_toy_shipped.py fails until they are rebuilt.
+TOY_TEST_BASES = REPO / "tests" / "fixtures" / "toy_bases"
+
+
+def seed_toy_cache(root: Path) -> None:
+    """Copy the committed test bases into the session's toy cache (once, under the builders' lock)."""
+    import shutil
+
+    from filelock import FileLock
+
+    from diffalign.atomic import staged_folder
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".toy-test-bases.lock"):
+        for folder in sorted(TOY_TEST_BASES.iterdir()) if TOY_TEST_BASES.is_dir() else []:
+            if (folder / "toy_base.json").is_file() and not (root / folder.name / "toy_base.json").is_file():
+                with staged_folder(root / folder.name) as staging:
+                    shutil.copytree(folder, staging, dirs_exist_ok=True)
 
 
 # The learning tests, longest first, run before everything else. Under `--dist worksteal` the first

@@ -1,6 +1,6 @@
 """Speed and memory settings of a training process that change no result: allocator and memory layout.
 
-Each is a ``train.*`` setting whose default was chosen by the peer A/B (benchmarks/README.md).
+Each is a ``train.*`` setting; its default and trade-off come from the peer A/B (benchmarks/README.md).
 """
 
 from __future__ import annotations

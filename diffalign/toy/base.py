@@ -215,11 +215,16 @@ def ensure_toy_turbo(cache_root: str | Path, recipe: ToyBaseRecipe = ToyBaseReci
         return _ensure_toy_turbo(Path(cache_root), recipe, steps, world, base, log)
 
 
+def toy_turbo_folder_name(recipe: ToyBaseRecipe = ToyBaseRecipe(), steps: int = 300) -> str:
+    """The cache folder of ``recipe``'s toy turbo: named by what it is built from, so a changed recipe builds anew."""
+    return f"toy-turbo-{hashlib.sha256(f'{recipe.fingerprint()}:turbo:{steps}'.encode()).hexdigest()[:12]}"
+
+
 def _ensure_toy_turbo(cache_root: Path, recipe: ToyBaseRecipe, steps: int, world, base: Path, log) -> Path:
     from diffusers import StableDiffusionPipeline
 
-    digest = hashlib.sha256(f"{recipe.fingerprint()}:turbo:{steps}".encode()).hexdigest()[:12]
-    folder = Path(cache_root) / f"toy-turbo-{digest}"
+    folder = Path(cache_root) / toy_turbo_folder_name(recipe, steps)
+    digest = folder.name.removeprefix("toy-turbo-")
     if (folder / "toy_base.json").is_file():
         return folder
     started = time.perf_counter()
@@ -272,6 +277,11 @@ def build_flow_toy_base(folder: str | Path, recipe: FlowToyBaseRecipe, train_par
     return _build_base(folder, recipe, train_parquet, "sd3", backbone, "flow toy base", "transformer", record, log)
 
 
+def flow_toy_base_folder_name(recipe: "FlowToyBaseRecipe") -> str:
+    """The cache folder of ``recipe``'s flow toy base (named by its fingerprint)."""
+    return f"toy-flow-base-{recipe.fingerprint()}"
+
+
 def ensure_flow_toy_base(cache_root: str | Path, recipe: FlowToyBaseRecipe = FlowToyBaseRecipe(), n_heldout: int = 300, log=print):
     """The toy world (shared with the SD toy base) and the flow toy base under ``cache_root``, built once."""
     cache_root = Path(cache_root)
@@ -279,7 +289,7 @@ def ensure_flow_toy_base(cache_root: str | Path, recipe: FlowToyBaseRecipe = Flo
     with FileLock(cache_root / ".toy-base.lock"):  # the world's writer, as for the SD base
         world = ensure_toy_world(cache_root, recipe, n_heldout)
     with FileLock(cache_root / ".toy-flow-base.lock"):
-        base = Path(cache_root) / f"toy-flow-base-{recipe.fingerprint()}"
+        base = Path(cache_root) / flow_toy_base_folder_name(recipe)
         if not (base / "toy_base.json").is_file():
             build_flow_toy_base(base, recipe, world.train, log)
     return world, base

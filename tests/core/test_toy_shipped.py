@@ -55,3 +55,17 @@ def test_the_build_script_builds_a_loadable_pretrained_base(tmp_path):
     initial = build_pipeline("sd15", seed=recipe.seed, sample_size=recipe.world.image_size).unet.state_dict()
     assert trained.keys() == initial.keys()
     assert any(not torch.equal(trained[name], initial[name]) for name in trained)  # pretraining moved the UNet
+
+
+def test_the_committed_test_bases_are_the_current_recipes():
+    """The learning tests start from tests/fixtures/toy_bases (conftest.seed_toy_cache); under a changed
+    recipe their names would no longer match and every session would build them again, silently slow."""
+    from pathlib import Path
+
+    from diffalign.toy.base import FlowToyBaseRecipe, flow_toy_base_folder_name, toy_turbo_folder_name
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "toy_bases"
+    committed = sorted(path.name for path in fixtures.iterdir() if (path / "toy_base.json").is_file())
+    assert committed == sorted([toy_turbo_folder_name(), flow_toy_base_folder_name(FlowToyBaseRecipe())]), (
+        "rebuild them: python -m diffalign.toy.shipped --test-bases tests/fixtures/toy_bases (and remove the old ones)"
+    )
