@@ -32,12 +32,12 @@ def add_reference_parsers(commands: Any) -> None:
 
 
 def _reference_errors(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from diffalign.config import ConfigError
     from diffalign.trainers.config import load_train_config
-    from pathlib import Path
-
     from diffalign.trainers.reference_errors import AUTO, AUTO_FOLDER, build_reference_errors
 
     config = load_train_config(args.config, args.overrides)

@@ -1,4 +1,4 @@
-"""Speed and memory settings of a training process that change no result: allocator and memory layout.
+"""Speed and memory settings of a training process that change no result: allocator, layout, compilation.
 
 Each is a ``train.*`` setting; its default and trade-off come from the peer A/B (benchmarks/README.md).
 """
@@ -54,11 +54,11 @@ def compile_denoiser(network: nn.Module, how: str) -> None:
     if how == "none":
         return
     if how == "blocks":
-        blocks = getattr(network, "_repeated_blocks", None)
-        if not blocks:
+        try:
+            network.compile_repeated_blocks()  # type: ignore[operator]
+        except (AttributeError, ValueError):  # not a diffusers model, or one that names no repeated blocks
             from diffalign.config import ConfigError
 
-            raise ConfigError(f"train.compile=blocks: {type(network).__name__} names no repeated blocks; use train.compile=full")
-        network.compile_repeated_blocks()  # type: ignore[operator]
+            raise ConfigError(f"train.compile=blocks: {type(network).__name__} names no repeated blocks; use train.compile=full") from None
         return
     network.compile()

@@ -174,18 +174,14 @@ def _coverage(config: TrainConfig, num_processes: int) -> dict[str, int]:
 
 def stored_reference_covers(folder: str | Path, config: TrainConfig, num_processes: int) -> bool:
     """Whether ``folder`` holds a current store (same key) for every group this run draws: what
-    ``train.reference_errors=auto`` reuses (a resumed run) instead of computing again."""
-    manifest_file = Path(folder) / MANIFEST
-    if not manifest_file.is_file():
-        return False
+    ``train.reference_errors=auto`` reuses (a resume) instead of computing again."""
     try:
-        manifest = json.loads(manifest_file.read_text())
-    except (OSError, ValueError):
+        store = ReferenceErrors(folder, config)
+    except (OSError, ValueError):  # none yet, stale (a ConfigError), or unreadable: computed again
         return False
-    coverage, wanted = manifest.get("coverage", {}), _coverage(config, num_processes)
-    same_geometry = all(coverage.get(name) == value for name, value in wanted.items() if name != "max_steps")
-    return (manifest.get("key") == reference_key(config) and same_geometry
-            and int(coverage.get("max_steps", 0)) >= config.train.max_steps)
+    wanted = _coverage(config, num_processes)
+    same_geometry = all(store.coverage.get(name) == value for name, value in wanted.items() if name != "max_steps")
+    return same_geometry and int(store.coverage["max_steps"]) >= config.train.max_steps
 
 
 def _first_keys(sampler: EpochBatchSampler, batches: int) -> list[tuple[int, int]]:

@@ -17,14 +17,11 @@ from pathlib import Path
 
 from diffalign.toy.base import (
     SHIPPED_TOY_BASE,
-    FlowToyBaseRecipe,
     ToyBaseRecipe,
     build_toy_base,
     ensure_flow_toy_base,
     ensure_toy_turbo,
     ensure_toy_world,
-    flow_toy_base_folder_name,
-    toy_turbo_folder_name,
 )
 
 
@@ -36,18 +33,18 @@ def rebuild_shipped_base(out: Path = SHIPPED_TOY_BASE, recipe: ToyBaseRecipe = T
 
 
 def rebuild_test_bases(out: Path, log=print) -> list[Path]:
-    """Build the default toy turbo and flow toy base (from the shipped base) and move them into ``out``."""
+    """Build the default toy turbo and flow toy base (from the shipped base) and move them into ``out``
+    under the folder names the toy cache gives them."""
     import shutil
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="diffalign-toy-cache-") as scratch:
         cache = Path(scratch)
         built = [ensure_toy_turbo(cache, log=log), ensure_flow_toy_base(cache, log=log)[1]]
-        names = [toy_turbo_folder_name(), flow_toy_base_folder_name(FlowToyBaseRecipe())]
-        for folder, name in zip(built, names):
-            shutil.rmtree(out / name, ignore_errors=True)
-            shutil.move(str(folder), out / name)
-    return [out / name for name in names]
+        for folder in built:
+            shutil.rmtree(out / folder.name, ignore_errors=True)
+            shutil.move(str(folder), out / folder.name)
+    return [out / folder.name for folder in built]
 
 
 def main(argv: list[str] | None = None) -> int:

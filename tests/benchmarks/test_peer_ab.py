@@ -35,6 +35,7 @@ def _load(name: str):
 
 
 settings = _load("peer_ab_settings")
+process = _load("process_measure")
 peer_ab = _load("peer_ab")
 
 
@@ -242,11 +243,11 @@ def test_measure_reports_the_childs_peak_rss_and_exit_status(tmp_path):
         "import sys, time; block = bytearray(200 * 1024 * 1024); block[::4096] = b'x' * len(block[::4096]); "
         "time.sleep(1.0); sys.exit(3)"
     )
-    measured = peer_ab.measure([sys.executable, "-c", code], {}, tmp_path / "log.txt", tmp_path)
+    measured = process.measure([sys.executable, "-c", code], {}, tmp_path / "log.txt", tmp_path)
     assert measured.returncode == 3
     assert 200 <= measured.peak_rss_mib < 400
     assert 200 <= max(rss for _, rss in measured.rss_trace) < 400  # sampled while it slept
-    small = peer_ab.measure([sys.executable, "-c", "print('hi')"], {}, tmp_path / "small.txt", tmp_path)
+    small = process.measure([sys.executable, "-c", "print('hi')"], {}, tmp_path / "small.txt", tmp_path)
     assert small.returncode == 0 and small.peak_rss_mib < 100
     assert (tmp_path / "small.txt").read_text() == "hi\n"
 
@@ -260,15 +261,15 @@ def test_measure_leaves_out_a_large_launchers_memory(tmp_path):
         "import time; block = bytearray(200 * 1024 * 1024); block[::4096] = b'x' * len(block[::4096]); "
         "time.sleep(1.0)"
     )
-    measured = peer_ab.measure([sys.executable, "-c", code], {}, tmp_path / "log.txt", tmp_path)
+    measured = process.measure([sys.executable, "-c", code], {}, tmp_path / "log.txt", tmp_path)
     del launcher_block
     assert measured.returncode == 0
     assert 200 <= measured.peak_rss_mib < 400
 
 
 def test_peak_rss_trusts_ru_maxrss_only_above_the_launchers_high_water():
-    assert peer_ab.peak_rss(ru_maxrss_mib=900.0, launcher_high_water_mib=500.0, sampled_high_water_mib=880.0) == 900.0
-    assert peer_ab.peak_rss(ru_maxrss_mib=500.0, launcher_high_water_mib=500.0, sampled_high_water_mib=210.0) == 210.0
+    assert process.peak_rss(ru_maxrss_mib=900.0, launcher_high_water_mib=500.0, sampled_high_water_mib=880.0) == 900.0
+    assert process.peak_rss(ru_maxrss_mib=500.0, launcher_high_water_mib=500.0, sampled_high_water_mib=210.0) == 210.0
 
 
 def test_measure_notes_when_each_step_count_of_the_bar_appears(tmp_path):
@@ -280,7 +281,7 @@ def test_measure_notes_when_each_step_count_of_the_bar_appears(tmp_path):
         "    time.sleep(0.3); sys.stderr.write(f'\\rtrain:  {n * 25}%|##| {n}/4 [00:0{n}<00:00, 3.3it/s]'); sys.stderr.flush()\n"
         "sys.stderr.write('\\n')\n"
     )
-    measured = peer_ab.measure([sys.executable, "-c", code], {}, tmp_path / "bar.txt", tmp_path, progress="train")
+    measured = process.measure([sys.executable, "-c", code], {}, tmp_path / "bar.txt", tmp_path, progress="train")
     assert [count for _, count in measured.marks] == [1, 2, 3, 4]
     assert [count for _, count in measured.cpu_marks] == [1, 2, 3, 4]  # the child sleeps: little CPU
     assert all(0 <= cpu < 5 for cpu, _ in measured.cpu_marks) and measured.cpu_s >= measured.cpu_marks[-1][0]
