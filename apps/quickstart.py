@@ -108,7 +108,7 @@ def run_quickstart(output_dir: Path, overrides: list[str] | None = None, cache_r
     started = time.perf_counter()
     root = Path(cache_root) if cache_root else default_cache_root()
     recipe = ToyBaseRecipe()
-    print(f"[1/4] toy world and toy base under {root} (built once, ~3 min; reused after)")
+    print(f"[1/4] toy world and toy base under {root} (the base ships with diffalign: copied once, reused after)")
     world, base = ensure_toy_world_and_base(root, recipe)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_dir = output_dir / "run"

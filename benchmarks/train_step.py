@@ -175,7 +175,7 @@ def measure_mode(config_path: str, overrides: list[str], mode: str, cache_dir: s
         data.dataset,
         batch_sampler=data.batch_sampler(run.batch_size, run.seed, start_batch=0),
         collate_fn=data.collate,
-        num_workers=config.data.num_workers,
+        num_workers=config.data.loader_workers(reads_cache=config.data.cache_dir is not None),
     )
     loader = accelerator.prepare(loader)  # as in the loop: batches arrive on the device
     setup_s = time.perf_counter() - setup_start

@@ -122,6 +122,8 @@ def cache_key(model: ModelConfig, data: DataConfig, data_fingerprint: str, requi
     }
     if data.sdxl_size_conditioning != "per_image":  # caches built before this option recorded each image's own size
         key["sdxl_size_conditioning"] = data.sdxl_size_conditioning
+    if data.jpeg_draft:  # absent when off, so caches built before this option (full decodes) stay valid for it
+        key["jpeg_draft"] = True
     if require_captions:  # absent otherwise, so caches built before this option stay valid
         key["captioned_rows_only"] = True
     return key
@@ -148,9 +150,10 @@ def build_cache(
     if require_captions:  # the method's name: a dual-caption method caches only captioned rows
         source = rows_with_captions(source, report, require_captions)
     key = cache_key(model, data, source.fingerprint(), require_captions=bool(require_captions))
-    dataset = PreferenceDataset(source, GroupTransform(data.resolution, data.center_crop, random_flip=False, size_conditioning=data.sdxl_size_conditioning), seed)
+    dataset = PreferenceDataset(source, GroupTransform(data.resolution, data.center_crop, random_flip=False, size_conditioning=data.sdxl_size_conditioning), seed,
+                                jpeg_draft=data.jpeg_draft)
     sampler = EpochBatchSampler(len(source), batch_size, seed, shuffle=False, drop_last=False, num_epochs=1)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_groups, num_workers=data.num_workers)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_groups, num_workers=data.loader_workers(reads_cache=False))
     with staged_folder(cache_dir, before_replace=require_replaceable_cache) as staging:
         texts: dict[str, int] = {"": 0}
         pending_texts: list[str] = [""]

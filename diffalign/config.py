@@ -9,8 +9,10 @@ loader and error formatting below.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -93,13 +95,32 @@ class DataConfig(StrictModel):
     )
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (debugging).")
     cache_dir: str | None = Field(None, description="Precomputed latents/embeddings from `diffalign cache`.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader worker processes that decode and transform images while the model steps. 'auto': "
+        "none with a latent cache (nothing to decode), else min(4, CPU cores - 1) -- one on a 2-core machine.",
+    )
+    jpeg_draft: bool = Field(
+        True,
+        description="Decode JPEGs at the smallest 1/2, 1/4 or 1/8 scale whose shorter side still covers data.resolution "
+        "(libjpeg's DCT scaling): a 1024 px photo for 256 px training decodes at 256 px. SDXL's size conditioning "
+        "and the crop keep the full image's size. false: always decode at full size, then resize.",
+    )
     validation: Literal["lazy", "full"] = Field(
         "lazy",
         alias="validate",
         description="'lazy': bad images are found when a batch decodes them (each reported once); 'full': decode "
         "every row before training, as `diffalign data check` does, and train on the good rows only.",
     )
+
+    def loader_workers(self, reads_cache: bool) -> int:
+        """DataLoader workers (``num_workers``, 'auto' resolved for this machine) for a loader that reads
+        the latent cache (``reads_cache``) or decodes images (training without a cache, building one)."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        if reads_cache:
+            return 0  # cached tensors: a worker would only copy them between processes
+        return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:

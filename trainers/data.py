@@ -153,11 +153,11 @@ def build_training_data(config: TrainConfig, backbone: Backbone, layout: DataLay
              "drawn; `diffalign data check PATH` or data.validate=full finds every bad row before training")
     else:
         _say(main_process, f"data.validate=full: decoding all {len(source)} rows of {source.name} before training")
-        good = check_rows(source, report, workers=config.data.num_workers, progress=main_process)
+        good = check_rows(source, report, workers=config.data.loader_workers(reads_cache=False), progress=main_process)
         require_rows(len(good), report, source.name)
         _say(main_process, f"data.validate=full: {len(good)} of {len(source)} rows are usable; training on those only")
         source = source if len(good) == len(source) else SelectedRows(source, good)
-    dataset = PreferenceDataset(source, transform, config.train.seed)
+    dataset = PreferenceDataset(source, transform, config.train.seed, jpeg_draft=config.data.jpeg_draft)
     return TrainingData(KeyedDataset(dataset, config.train.seed), with_noise_seeds(collate_groups), report, source.name, lazy=lazy)
 
 

@@ -229,7 +229,7 @@ def _run(config: TrainConfig, accelerator, reward: Reward | None, validation_sco
         data.dataset,
         batch_sampler=data.batch_sampler(run.batch_size, run.seed, start_batch=micro_step * processes),
         collate_fn=data.collate,
-        num_workers=config.data.num_workers,
+        num_workers=config.data.loader_workers(reads_cache=config.data.cache_dir is not None),
     )
     loader = accelerator.prepare(loader)
     if accelerator.is_main_process:

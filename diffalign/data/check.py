@@ -96,8 +96,8 @@ class SelectedRows:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def load(self, index: int) -> PreferenceGroup:
-        return self.source.load(self.indices[index])
+    def load(self, index: int, min_side: int | None = None) -> PreferenceGroup:
+        return self.source.load(self.indices[index], min_side)
 
     def row_id(self, index: int) -> str:
         return self.source.row_id(self.indices[index])

@@ -38,13 +38,13 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def load_group(source: PreferenceSource, index: int) -> PreferenceGroup:
+def load_group(source: PreferenceSource, index: int, min_side: int | None = None) -> PreferenceGroup:
     """Row ``index`` decoded and checked as training uses it; BadRowError for a bad row.
 
     The one place a row is judged after decoding, so ``data check``, a ``data.validate=full``
     run and the lazy path skip exactly the same rows for the same reasons.
     """
-    group = source.load(index)
+    group = source.load(index, min_side) if min_side is not None else source.load(index)
     check_image_sizes(group.images, row_id=group.row_id, source=source.name)
     return group
 
@@ -60,12 +60,17 @@ class PreferenceDataset(Dataset[dict[str, Any]]):
 
     or ``{"row_id": str, "bad": reason}`` when the row's images fail to decode.
     Use with :class:`EpochBatchSampler` (``DataLoader(batch_sampler=...)``).
+
+    ``jpeg_draft``: decode JPEGs at the smallest 1/2, 1/4 or 1/8 scale that still covers the transform's
+    resolution (``data.jpeg_draft``); the pixels then come from libjpeg's DCT scaling instead of a full
+    decode and a longer resize, while sizes and crops stay those of the full image.
     """
 
-    def __init__(self, source: PreferenceSource, transform: GroupTransform, seed: int) -> None:
+    def __init__(self, source: PreferenceSource, transform: GroupTransform, seed: int, jpeg_draft: bool = False) -> None:
         self.source = source
         self.transform = transform
         self.seed = seed
+        self.decode_min_side = transform.resolution if jpeg_draft else None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -83,7 +88,7 @@ class PreferenceDataset(Dataset[dict[str, Any]]):
                 "use EpochBatchSampler as the DataLoader's batch_sampler"
             ) from None
         try:
-            group = load_group(self.source, index)
+            group = load_group(self.source, index, self.decode_min_side)
         except BadRowError as err:
             return {"row_id": err.row_id, "bad": err.reason}
         px = self.transform(group.images, self.generator_for(epoch, index))

@@ -10,6 +10,7 @@ often black), and it clips 16-bit grayscale (most pixels become white).
 from __future__ import annotations
 
 import io
+import math
 import re
 from pathlib import Path
 
@@ -19,17 +20,28 @@ import PIL.ImageOps
 
 from diffalign.data.types import BadRowError
 
-__all__ = ["MIN_IMAGE_SIDE", "check_image_sizes", "decode_image", "to_rgb"]
+__all__ = ["MIN_IMAGE_SIDE", "ORIGINAL_SIZE", "check_image_sizes", "decode_image", "original_size", "to_rgb"]
 
 # Preference images smaller than this on a side are placeholders (tracking pixels, failed generations),
 # not pictures: upscaled to the training resolution they become flat colour. The toy world's smallest images are 8 px.
 MIN_IMAGE_SIDE = 8
 
 _WHITE = (255, 255, 255, 255)
+# Where a reduced-size decode keeps the image's full (h, w): SDXL's size conditioning and the crop geometry
+# must be those of the full image, not of the smaller one the decoder returned.
+ORIGINAL_SIZE = "diffalign_original_size"
+# EXIF orientations that turn the image by 90 degrees (its width and height swap).
+_SIDEWAYS = {5, 6, 7, 8}
 
 
-def decode_image(data: bytes | str | Path, *, row_id: str, source: str) -> PIL.Image.Image:
+def decode_image(data: bytes | str | Path, *, row_id: str, source: str, min_side: int | None = None) -> PIL.Image.Image:
     """Decode ``data`` (encoded bytes or a file path) into a loaded RGB image.
+
+    ``min_side``: the image will only be used with its shorter side resized to this many pixels, so a
+    JPEG may be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, Pillow's ``draft``) as long
+    as the shorter side stays at least ``min_side``. A 1024 px photo for 256 px training decodes 4x
+    smaller and several times faster. The full (h, w) is kept in ``image.info[ORIGINAL_SIZE]``
+    (read it with :func:`original_size`). Other formats ignore it.
 
     The EXIF orientation is applied (images come out as a viewer shows them).
     Any decoding error -- unknown format, truncation, an empty file,
@@ -50,10 +62,21 @@ def decode_image(data: bytes | str | Path, *, row_id: str, source: str) -> PIL.I
         )
     try:
         with PIL.Image.open(opener) as opened:
+            width, height = opened.size
+            if min_side is not None and opened.format == "JPEG":
+                scale = min_side / min(width, height)
+                if scale < 1:  # draft keeps both sides >= the request, so the shorter one stays >= min_side
+                    opened.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             opened.load()  # force full decode here, so truncated files fail now
+            drafted = opened.size != (width, height)
             rgb = to_rgb(PIL.ImageOps.exif_transpose(opened))
             if rgb is opened:  # closing `opened` would invalidate it
                 rgb = rgb.copy()
+            rgb.info.pop(ORIGINAL_SIZE, None)  # a PNG text chunk of that name must not pose as one
+            if drafted:
+                if opened.getexif().get(0x0112) in _SIDEWAYS:  # exif_transpose turned it: the sides swap
+                    width, height = height, width
+                rgb.info[ORIGINAL_SIZE] = (height, width)
             return rgb
     except PIL.Image.DecompressionBombError as exc:  # the header claims more than 2x Image.MAX_IMAGE_PIXELS
         raise BadRowError(source, row_id, f"image too large: {exc} ({what})") from exc
@@ -96,11 +119,17 @@ def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     return img.convert("RGB")
 
 
+def original_size(image: PIL.Image.Image) -> tuple[int, int]:
+    """(h, w) of the image as stored, before any reduced-size decode (see :func:`decode_image`)."""
+    return image.info.get(ORIGINAL_SIZE, (image.height, image.width))
+
+
 def check_image_sizes(images: list[PIL.Image.Image], *, row_id: str, source: str) -> None:
     """BadRowError ``"image too small: ..."`` when an image of a preference row has a side under MIN_IMAGE_SIDE."""
     for i, img in enumerate(images):
-        if min(img.size) < MIN_IMAGE_SIDE:
+        height, width = original_size(img)
+        if min(height, width) < MIN_IMAGE_SIDE:
             raise BadRowError(
                 source, row_id,
-                f"image too small: image {i} is {img.width}x{img.height} px (preference images need both sides >= {MIN_IMAGE_SIDE})",
+                f"image too small: image {i} is {width}x{height} px (preference images need both sides >= {MIN_IMAGE_SIDE})",
             )

@@ -92,10 +92,10 @@ class JsonlSource:
         check_index(self.name, index, len(self))
         return self._rows[index].row_id
 
-    def load(self, index: int) -> PreferenceGroup:
+    def load(self, index: int, min_side: int | None = None) -> PreferenceGroup:
         check_index(self.name, index, len(self))
         r = self._rows[index]
-        images = [decode_image(p, row_id=r.row_id, source=self.name) for p in (r.chosen, r.rejected)]
+        images = [decode_image(p, row_id=r.row_id, source=self.name, min_side=min_side) for p in (r.chosen, r.rejected)]
         return PreferenceGroup(
             row_id=r.row_id,
             prompt=r.prompt,

@@ -241,14 +241,15 @@ class PickapicSource:
         rid = self._id_ds[g]["ranking_id"] if self._id_ds is not None else None
         return self._make_row_id(g, rid)
 
-    def load(self, index: int) -> PreferenceGroup:
+    def load(self, index: int, min_side: int | None = None) -> PreferenceGroup:
         check_index(self.name, index, len(self))
         g = int(self._kept[index])
         row = self._load_ds[g]
         rid = self.row_id(index)
         l0, l1 = (float(x) for x in self._labels[index])
         order = [1, 0] if l0 == 0.0 else [0, 1]
-        images = [decode_image(image_payload(row[f"jpg_{i}"], rid, self.name), row_id=rid, source=self.name) for i in order]
+        images = [decode_image(image_payload(row[f"jpg_{i}"], rid, self.name), row_id=rid, source=self.name, min_side=min_side)
+                  for i in order]
         captions = [row[f"caption_{i}"] for i in order] if self._caption_pair else None
         models = None
         if self._models and row["model_0"] is not None and row["model_1"] is not None:

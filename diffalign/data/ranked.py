@@ -112,7 +112,7 @@ class RankedSource:
         check_index(self.name, index, len(self))
         return self._layout.row_id(index)
 
-    def load(self, index: int) -> PreferenceGroup:
+    def load(self, index: int, min_side: int | None = None) -> PreferenceGroup:
         """Decode row ``index``, best first; BadRowError ("undecodable image: ...") for a bad image."""
         check_index(self.name, index, len(self))
         rid = self._layout.row_id(index)
@@ -122,7 +122,7 @@ class RankedSource:
         return PreferenceGroup(
             row_id=rid,
             prompt=prompt,
-            images=[decode_image(payloads[i], row_id=rid, source=self.name) for i in order],
+            images=[decode_image(payloads[i], row_id=rid, source=self.name, min_side=min_side) for i in order],
             captions=None,
             scores=[float(scores[i]) for i in order],
             models=[str(models[i]) for i in order] if models is not None else None,

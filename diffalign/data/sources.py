@@ -41,8 +41,10 @@ class PreferenceSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def load(self, index: int) -> PreferenceGroup:
-        """Decode row ``index`` (winner first); raises BadRowError for a bad row."""
+    def load(self, index: int, min_side: int | None = None) -> PreferenceGroup:
+        """Decode row ``index`` (winner first); raises BadRowError for a bad row.
+
+        ``min_side``: the images are only needed at that shorter side (see ``decode_image``)."""
         ...
 
     def row_id(self, index: int) -> str: ...

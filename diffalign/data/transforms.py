@@ -8,7 +8,8 @@ drawn per group and applied to every image of it.
 
 The recorded ``original_sizes`` / ``crop_top_lefts`` are SDXL's
 micro-conditioning inputs, recorded the way diffusers'
-``train_text_to_image_sdxl.py`` does: the size of the decoded image and the
+``train_text_to_image_sdxl.py`` does: the size of the decoded image (its full size when a JPEG was
+decoded at a reduced scale, ``decode_image(min_side=...)``) and the
 (top, left) of the crop in the resized image -- mirrored to
 ``w_resized - left - resolution`` when the crop is flipped.
 
@@ -32,6 +33,8 @@ from typing import Literal
 import numpy as np
 import PIL.Image
 import torch
+
+from diffalign.data.images import original_size
 
 __all__ = ["GroupPixels", "GroupTransform", "SizeConditioning"]
 
@@ -102,7 +105,7 @@ class GroupTransform:
         for img in images:
             if img.mode != "RGB":
                 raise ValueError(f"GroupTransform expects RGB images (see decode_image), got mode {img.mode}")
-            h, w = img.height, img.width
+            h, w = original_size(img)  # the full image's, also when it was decoded at a reduced size
             rh, rw = self.resized_size(h, w)
             resized = img.resize((rw, rh), resample=PIL.Image.Resampling.BILINEAR, reducing_gap=None)
             if self.center_crop:
