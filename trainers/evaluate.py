@@ -13,11 +13,13 @@ lists: the same over every label-ordered pair (φ_i > φ_j) of a group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from diffalign.atomic import staged_file
 from diffalign.backbones import Backbone
 from diffalign.data import EpochBatchSampler, GroupTransform, PreferenceDataset, SkipReport, collate_groups, derive_seed
 from diffalign.data.sources import PreferenceSource
@@ -53,6 +55,18 @@ class HeldoutScores:
         """Mean held-out policy margin L_l - L_w of pairs (MaPO's reference-free measure)."""
         policy = self.policy if mask is None else self.policy[mask]
         return float((policy[:, -1] - policy[:, 0]).mean())
+
+    def save(self, path: str | Path) -> None:
+        """Write the scores to ``path`` (atomically), so a later evaluation can reuse the reference's errors."""
+        with staged_file(path) as temporary:
+            torch.save({field.name: getattr(self, field.name) for field in fields(self)}, temporary)
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeldoutScores:
+        """Scores written by :meth:`save` (tensors and plain values only: ``weights_only`` loading)."""
+        stored = torch.load(path, weights_only=True)
+        draws_seed = stored.get("draws_seed")
+        return cls(**{**stored, "draws_seed": tuple(draws_seed) if draws_seed is not None else None})
 
     def _labels(self) -> torch.Tensor:
         if self.labels is not None:

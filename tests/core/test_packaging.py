@@ -86,7 +86,8 @@ def test_shipped_recipes_list_show_and_train_from_any_folder(tiny_models, toy_pa
     again = cli("recipes", "cp", "sd15/dpo", "mine.yaml")
     assert again.returncode == 2 and "nothing was overwritten" in again.stderr
     run = cli("train", "sd15/dpo", f"model.path={tiny_models['sd15']}", f"data.path={toy_pairs}", "train.output_dir=run",
-              "data.resolution=32", "train.max_steps=2", "train.batch_size=2", "train.mixed_precision=no", "train.progress_bar=false")
+              "data.resolution=32", "train.max_steps=2", "train.batch_size=2", "train.gradient_accumulation_steps=1",
+              "train.mixed_precision=no", "train.progress_bar=false")  # the recipe accumulates 128 micro-batches
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "run" / "final").is_dir()
     missing = cli("train", "sdxl/nope")

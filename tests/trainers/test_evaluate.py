@@ -48,3 +48,40 @@ class _Copy(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.network(*args, **kwargs)
+
+
+def test_stored_base_scores_are_reused_and_a_torn_or_foreign_store_is_recomputed(tiny_models, toy_pairs, tmp_path, capsys):
+    """The quickstart and the learning tests keep the base's held-out scores (base_heldout_scores): a reuse
+    must give the very figures a recomputation gives, and a damaged store must be said and replaced."""
+    from diffalign.apps.quickstart import base_heldout_scores, base_heldout_store
+    from diffalign.backbones import load_backbone
+    from diffalign.config import ModelConfig
+    from diffalign.data import SkipReport, open_preference_source
+    from diffalign.trainers.config import train_config_from_dict
+    from diffalign.trainers.evaluate import HeldoutScores
+
+    config = train_config_from_dict({"model": {"path": str(tiny_models["sd15"])}, "data": {"path": str(toy_pairs), "resolution": 32},
+                                     "method": {"name": "dpo"}}, "test")
+    store = base_heldout_store(tmp_path, config, toy_pairs)
+    other = base_heldout_store(tmp_path, config.model_copy(update={"model": ModelConfig(path=str(tiny_models["sd2"]))}), toy_pairs)
+    assert store != other, "another model must not reuse this model's errors"
+    backbone = load_backbone(config.model)
+    source = open_preference_source(str(toy_pairs), report=SkipReport())
+    first = base_heldout_scores(backbone, source, 32, store)
+    assert store.is_file() and not list(tmp_path.glob(".*.tmp*")), "written by rename, no temporary left"
+    reused = base_heldout_scores(backbone, source, 32, store)
+    loaded = HeldoutScores.load(store)
+    for scores in (reused, loaded):
+        assert scores.row_ids == first.row_ids and scores.draws_seed == first.draws_seed == (8, 1234)
+        assert torch.equal(scores.reference_errors, first.reference_errors) and torch.equal(scores.implicit, first.implicit)
+    assert first.accuracy() == 0.5
+    assert capsys.readouterr().out == "", "a good store is reused silently"
+
+    store.write_bytes(store.read_bytes()[:100])  # torn
+    again = base_heldout_scores(backbone, source, 32, store)
+    assert "is unreadable" in capsys.readouterr().out and torch.equal(again.reference_errors, first.reference_errors)
+    assert torch.equal(HeldoutScores.load(store).reference_errors, first.reference_errors), "the torn store was replaced"
+
+    HeldoutScores(["someone-else:0"], torch.zeros(1, 2), torch.zeros(1, 2), None, torch.zeros(1, 8, 2), (8, 1234)).save(store)
+    assert torch.equal(base_heldout_scores(backbone, source, 32, store).reference_errors, first.reference_errors)
+    assert "scored other held-out rows" in capsys.readouterr().out
