@@ -2,7 +2,7 @@
 
 Every model a recipe, a scorer or ``diffalign captions`` loads from the hub has a tiny stand-in here, saved
 in the same format, so the README's offline walk runs on any machine with no hub: the pipelines (sd15, sd2,
-sdxl, sd3), a CLIP reward model (``--scorer clipscore=PATH`` / ``pickscore=PATH``), a BLIP captioner
+sdxl, sd3, sd35-medium, sd35-large), a CLIP reward model (``--scorer clipscore=PATH`` / ``pickscore=PATH``), a BLIP captioner
 (``--caption-model PATH``) and a T5 paraphraser (``--perturb-model PATH``).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = ["TINY_MODELS", "add_tiny_parsers"]
 
-PIPELINE_FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
+PIPELINE_FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "sd35-medium", "sd35-large")
 # The other tiny models and what loads them: shown in --help and printed after saving one.
 TINY_MODELS: dict[str, str] = {
     "clip": "a CLIP reward model: diffalign score DIR --scorer clipscore=PATH (or pickscore=PATH, clipscore-100=PATH)",
@@ -100,7 +100,7 @@ def add_tiny_parsers(commands: Any) -> None:
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing folder at PATH")
     tiny.add_argument("--t5", action="store_true", help="sd3: add a tiny T5 encoder (text_encoder_3), as real SD3 has")
     tiny.add_argument("--scale", choices=["tiny", "full"], default="tiny",
-                      help="pipelines only. full: the published architecture (sd15, sdxl, sd3-medium) with random "
+                      help="pipelines only. full: the published architecture (sd15, sdxl, sd3 = SD3-medium, sd35-medium) with random "
                       "weights, fp32 (SDXL ~14 GB)")
     tiny.add_argument("--clip-bpe", default=None, help="CLIP's bpe_simple_vocab_16e6.txt.gz for --scale full "
                       "(default: $DIFFALIGN_CLIP_BPE, open_clip, the cache, else fetched with pip download)")

@@ -29,16 +29,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILY_CONFIGS = {"sd15": "configs/sd15/dpo.yaml", "sd2": "configs/sd15/dpo.yaml", "sdxl": "configs/sdxl/dpo.yaml", "sd3": "configs/sd3/dpo.yaml"}
+FAMILY_CONFIGS = {"sd15": "configs/sd15/dpo.yaml", "sd2": "configs/sd15/dpo.yaml", "sdxl": "configs/sdxl/dpo.yaml", "sd3": "configs/sd3/dpo.yaml",
+                  "sd35-medium": "configs/sd35/dpo.yaml", "sd35-large": "configs/sd35/dpo.yaml"}
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny sd15 (eps), sd2 (v-pred), sdxl and sd3 pipelines saved in diffusers format."""
-    from diffalign.tiny import save_pipeline
+    """Tiny sd15 (eps), sd2 (v-pred), sdxl, sd3 and SD3.5 (medium, large) pipelines saved in diffusers format."""
+    from diffalign.tiny import FAMILIES, save_pipeline
 
     root = tmp_path_factory.mktemp("tiny")
-    return {family: save_pipeline(family, root / family, seed=0) for family in ("sd15", "sd2", "sdxl", "sd3")}
+    return {family: save_pipeline(family, root / family, seed=0) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")

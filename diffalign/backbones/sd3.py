@@ -28,10 +28,13 @@ class StableDiffusion3Backbone:
     denoiser_subfolder = "transformer"
     lora_layers_argument = "transformer_lora_layers"
     pipeline_class_name = "StableDiffusion3Pipeline"
-    # The joint-attention projections of both streams, as diffusers' SD3 LoRA script adapts them.
+    # The joint-attention projections of both streams, as diffusers' SD3 LoRA script adapts them, and in
+    # SD3.5 Medium's MMDiT-X blocks the second, image-only attention too: left out, a third of those blocks'
+    # attention weights could not move. Models without it (SD3, SD3.5 Large) simply have no attn2 to match.
     lora_target_modules = (
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
         "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+        "attn2.to_k", "attn2.to_out.0", "attn2.to_q", "attn2.to_v",
     )
 
     def __init__(

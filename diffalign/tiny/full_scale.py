@@ -1,4 +1,4 @@
-"""Full-scale random-weight pipelines: the published architectures of SD 1.5, SDXL base 1.0 and SD3-medium.
+"""Full-scale random-weight pipelines: the published architectures of SD 1.5, SDXL base 1.0, SD3-medium and SD3.5-medium.
 
 The tiny pipelines prove the code paths; these prove the sizes. Each family's
 components are built from the ``config.json`` values its public checkpoint
@@ -36,8 +36,8 @@ __all__ = ["FULL_SCALE_FAMILIES", "FullScaleFamily", "COMPONENT_CONFIGS",
            "build_full_scale_component", "build_full_scale_pipeline", "full_scale_parameter_counts",
            "save_full_scale_pipeline"]  # fmt: skip
 
-FullScaleFamily = Literal["sd15", "sdxl", "sd3"]
-FULL_SCALE_FAMILIES: tuple[FullScaleFamily, ...] = ("sd15", "sdxl", "sd3")
+FullScaleFamily = Literal["sd15", "sdxl", "sd3", "sd35-medium"]
+FULL_SCALE_FAMILIES: tuple[FullScaleFamily, ...] = ("sd15", "sdxl", "sd3", "sd35-medium")
 
 # --------------------------------------------------------------------------- published configs
 # Every value below is from the cited config.json ("_class_name"/"_diffusers_version"/"architectures"/
@@ -197,6 +197,21 @@ COMPONENT_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# SD3.5 Medium: SD3's VAE and CLIP encoders (stabilityai/stable-diffusion-3.5-medium: vae/config.json,
+# text_encoder*/config.json are SD3-medium's), a transformer with QK RMS-norm and MMDiT-X dual attention
+# in its first 13 blocks, and a larger position-embedding grid (384: up to 1440 px at patch 2).
+COMPONENT_CONFIGS["sd35-medium"] = {
+    **COMPONENT_CONFIGS["sd3"],
+    # stabilityai/stable-diffusion-3.5-medium: transformer/config.json
+    "transformer": {
+        **COMPONENT_CONFIGS["sd3"]["transformer"],
+        "pos_embed_max_size": 384,
+        "qk_norm": "rms_norm",
+        "dual_attention_layers": list(range(13)),
+    },
+}
+
+
 @dataclass(frozen=True)
 class _Component:
     module: str  # "diffusers" or "transformers"
@@ -222,6 +237,7 @@ _CLASSES: dict[str, dict[str, _Component]] = {
         "text_encoder_2": _Component("transformers", "CLIPTextModelWithProjection"),
     },
 }
+_CLASSES["sd35-medium"] = _CLASSES["sd3"]
 
 
 def _check_family(family: str) -> None:

@@ -46,8 +46,17 @@ __all__ = [
     "save_clip",
 ]
 
-Family = Literal["sd15", "sd2", "sdxl", "sd3"]
-FAMILIES: tuple[Family, ...] = ("sd15", "sd2", "sdxl", "sd3")
+Family = Literal["sd15", "sd2", "sdxl", "sd3", "sd35-medium", "sd35-large"]
+FAMILIES: tuple[Family, ...] = ("sd15", "sd2", "sdxl", "sd3", "sd35-medium", "sd35-large")
+# What SD3.5 changed in the MMDiT, over SD3 (diffusers' SD3Transformer2DModel options): QK RMS-norm in every
+# attention (Large and Medium) and, in Medium, a second, image-only attention in the first 13 of 24 blocks
+# (MMDiT-X). The tiny transformers keep those features at 2 layers: dual attention in the first.
+# Sources: stabilityai/stable-diffusion-3.5-{large,medium} transformer/config.json; huggingface.co/blog/sd3-5.
+SD3_FAMILIES: dict[str, dict] = {
+    "sd3": {},
+    "sd35-medium": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)},
+    "sd35-large": {"qk_norm": "rms_norm"},
+}
 
 # Text encoder sizes. SDXL's UNet and SD3's transformer derive their
 # conditioning widths from these, so they live in one place.
@@ -209,8 +218,10 @@ def build_transformer_sd3(
     in_channels: int = 4,
     joint_attention_dim: int = 2 * TEXT_HIDDEN_SIZE,
     pooled_projection_dim: int = 2 * TEXT_HIDDEN_SIZE,
+    qk_norm: str | None = None,
+    dual_attention_layers: tuple[int, ...] = (),
 ) -> SD3Transformer2DModel:
-    """Tiny SD3 MMDiT (SD3.0 layout: no dual attention, no qk norm).
+    """Tiny SD3 MMDiT: SD3.0's layout by default; ``qk_norm`` and ``dual_attention_layers`` as SD3.5 has them.
 
     ``joint_attention_dim`` must be at least the two CLIP encoders' hidden sizes
     concatenated: without T5 the SD3 pipeline zero-pads the CLIP embeddings up
@@ -231,6 +242,8 @@ def build_transformer_sd3(
             caption_projection_dim=32,
             pooled_projection_dim=pooled_projection_dim,
             out_channels=in_channels,
+            qk_norm=qk_norm,
+            dual_attention_layers=dual_attention_layers,
         )
     return transformer.eval()
 
@@ -247,6 +260,7 @@ def build_pipeline(family: Family, seed: int = 0, sample_size: int = 32, t5: boo
     sd15: StableDiffusionPipeline + PNDM (SD 1.5's scheduler config), VAE scaling 0.18215.
     sd2: StableDiffusionPipeline + DDIM with v-prediction (SD 2.1-768), SD2-shaped UNet.
     sdxl: StableDiffusionXLPipeline, CLIPTextModel + CLIPTextModelWithProjection, Euler, VAE scaling 0.13025.
+    sd35-medium, sd35-large: sd3 with SD3.5's transformer features (:data:`SD3_FAMILIES`).
     sd3: StableDiffusion3Pipeline, two CLIPTextModelWithProjection, FlowMatch Euler (shift 3.0), VAE
     with SD3's shift_factor 0.0609 / scaling_factor 1.5305 and no quant convs. Without T5 by default
     (``text_encoder_3 = None``, joint width 64 = the CLIP pair); ``t5=True`` adds a tiny T5 encoder
@@ -265,8 +279,8 @@ def build_pipeline(family: Family, seed: int = 0, sample_size: int = 32, t5: boo
         StableDiffusionXLPipeline,
     )
 
-    if t5 and family != "sd3":
-        raise ValueError(f"T5 (SD3's third text encoder) is for the sd3 family only, not {family!r}")
+    if t5 and family not in SD3_FAMILIES:
+        raise ValueError(f"T5 (SD3's third text encoder) is for the sd3 and sd35 families only, not {family!r}")
     if sample_size % 4 != 0:
         raise ValueError(f"sample_size must be a multiple of 4 (VAE factor 2 x SD3 patch 2), got {sample_size}")
     latent_size = sample_size // 2
@@ -323,13 +337,14 @@ def build_pipeline(family: Family, seed: int = 0, sample_size: int = 32, t5: boo
             add_watermarker=False,
         )
 
-    if family == "sd3":
+    if family in SD3_FAMILIES:
         return StableDiffusion3Pipeline(
             transformer=build_transformer_sd3(
                 sample_size=latent_size,
                 seed=s(3),
                 joint_attention_dim=T5_HIDDEN_SIZE if t5 else 2 * TEXT_HIDDEN_SIZE,
                 pooled_projection_dim=2 * TEXT_HIDDEN_SIZE,
+                **SD3_FAMILIES[family],
             ),
             scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
             vae=build_vae(

@@ -29,15 +29,16 @@ from diffalign.noise import DDPMProcess, RectifiedFlowProcess
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DiffusionPipeline  # noqa: E402
 
-FAMILY_OF = {"sd15": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3"}
+FAMILY_OF = {"sd15": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "sd35-medium": "sd3", "sd35-large": "sd3"}
+SD3_LIKE = ("sd3", "sd35-medium", "sd35-large")  # one pipeline class, one backbone
 CLASS_OF = {
     "sd15": StableDiffusionBackbone,
     "sd2": StableDiffusionBackbone,
     "sdxl": StableDiffusionXLBackbone,
-    "sd3": StableDiffusion3Backbone,
+    **dict.fromkeys(SD3_LIKE, StableDiffusion3Backbone),
 }
-NOISE_OF = {"sd15": DDPMProcess, "sd2": DDPMProcess, "sdxl": DDPMProcess, "sd3": RectifiedFlowProcess}
-LOAD_KWARGS = {"sd3": {"text_encoder_3": None, "tokenizer_3": None}}  # the tiny SD3 has no T5
+NOISE_OF = {"sd15": DDPMProcess, "sd2": DDPMProcess, "sdxl": DDPMProcess, **dict.fromkeys(SD3_LIKE, RectifiedFlowProcess)}
+LOAD_KWARGS = dict.fromkeys(SD3_LIKE, {"text_encoder_3": None, "tokenizer_3": None})  # the tiny SD3s have no T5
 
 # "" (BOS, EOS, padding only), a short prompt, and one of 3 * 40 = 120 single-token words: truncated at 77.
 LONG_PROMPT = " ".join(["a red circle"] * 40)
@@ -245,7 +246,7 @@ def test_encode_images_is_the_shifted_scaled_posterior_mode(backbones: dict, fam
     assert latents.shape == (2, 4, 16, 16)
     config = backbone.vae.config
     shift = config.shift_factor or 0.0
-    if family == "sd3":
+    if family in SD3_LIKE:
         assert (shift, config.scaling_factor) == (0.0609, 1.5305)
     with torch.no_grad():
         expected = (backbone.vae.encode(pixels).latent_dist.mode() - shift) * config.scaling_factor
@@ -272,7 +273,7 @@ def test_predict_shape_and_gradients(backbones: dict, family: str) -> None:
     generator = torch.Generator().manual_seed(0)
     noisy = torch.randn(2, 4, 16, 16, generator=generator)
     timesteps = backbone.noise.sample_timesteps(2, generator=generator)
-    if family == "sd3":
+    if family in SD3_LIKE:
         timesteps = backbone.noise.timestep_values[timesteps]
     conditioning = backbone.encode_prompts(["a red circle", "a blue square"])
     conditioning.update(

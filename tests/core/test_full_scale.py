@@ -22,6 +22,15 @@ PUBLISHED_COUNTS = {
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
     "sd3": {"transformer": 2_028_328_000, "vae": 83_819_683, "text_encoder": 123_650_304, "text_encoder_2": 694_659_840},
 }
+# SD3.5-medium ("2.5B" with its 384 x 384 x 1536 position-embedding buffer, 226 M values, not a parameter): SD3-medium's
+# MMDiT plus, in each of the 13 dual-attention blocks, a second attention (4 projections of 1536 x 1536 with bias), its
+# QK norms (2 x 64) and 3 more AdaLN modulation rows (3 x (1536 x 1536 + 1536)); plus QK RMS-norms everywhere
+# (4 x 64 per block, 24 blocks). Worked by hand, not read from the code under test.
+_DIM = 1536
+SD35_MEDIUM_TRANSFORMER_COUNT = (
+    2_028_328_000 + 13 * (4 * (_DIM * _DIM + _DIM) + 2 * 64 + 3 * (_DIM * _DIM + _DIM)) + 24 * 4 * 64
+)
+PUBLISHED_COUNTS["sd35-medium"] = {**PUBLISHED_COUNTS["sd3"], "transformer": SD35_MEDIUM_TRANSFORMER_COUNT}
 
 # Key values from the published config.json files (the architecture-defining ones, written independently).
 # stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json
@@ -48,6 +57,9 @@ SD3_TRANSFORMER = {
     "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "in_channels": 16, "out_channels": 16,
     "patch_size": 2, "pos_embed_max_size": 192, "sample_size": 128,
 }  # fmt: skip
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json
+SD35_MEDIUM_TRANSFORMER = {**SD3_TRANSFORMER, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+                           "dual_attention_layers": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}  # fmt: skip
 # vae/config.json of the three repositories
 VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32}
 SD3_VAE = {**VAE, "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
@@ -62,6 +74,7 @@ PUBLISHED_VALUES = {
     "sd15": {"unet": SD15_UNET, "vae": {**VAE, "scaling_factor": 0.18215}, "text_encoder": CLIP_L},
     "sdxl": {"unet": SDXL_UNET, "vae": {**VAE, "scaling_factor": 0.13025}, "text_encoder": CLIP_L, "text_encoder_2": BIGG},
     "sd3": {"transformer": SD3_TRANSFORMER, "vae": SD3_VAE, "text_encoder": CLIP_L, "text_encoder_2": BIGG},
+    "sd35-medium": {"transformer": SD35_MEDIUM_TRANSFORMER, "vae": SD3_VAE, "text_encoder": CLIP_L, "text_encoder_2": BIGG},
 }
 
 CASES = [(family, name) for family in FULL_SCALE_FAMILIES for name in COMPONENT_CONFIGS[family]]

@@ -24,11 +24,13 @@ PIPELINE_CLASSES = {
     "sd2": StableDiffusionPipeline,
     "sdxl": StableDiffusionXLPipeline,
     "sd3": StableDiffusion3Pipeline,
+    "sd35-medium": StableDiffusion3Pipeline,
+    "sd35-large": StableDiffusion3Pipeline,
 }
 
-# The tiny SD3 has no T5; diffusers refuses to load a folder whose model_index.json
+# The tiny SD3s have no T5; diffusers refuses to load a folder whose model_index.json
 # lists text_encoder_3 as null unless told so, exactly as for a real SD3 without T5.
-LOAD_KWARGS = {"sd3": {"text_encoder_3": None, "tokenizer_3": None}}
+LOAD_KWARGS = {family: {"text_encoder_3": None, "tokenizer_3": None} for family in ("sd3", "sd35-medium", "sd35-large")}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,21 @@ def test_sd3_has_no_t5_and_sd3_vae(saved: dict[str, Path]) -> None:
     assert pipe.transformer.config.joint_attention_dim >= clip_width
     index = json.loads((saved["sd3"] / "model_index.json").read_text())
     assert index["text_encoder_3"] == [None, None]
+
+
+def test_sd35_pipelines_have_what_sd35_adds_and_sd3_lacks(saved: dict[str, Path]) -> None:
+    """SD3.5 Large: QK RMS-norm in every attention; SD3.5 Medium also a second, image-only attention
+    (MMDiT-X) in its first block(s); SD3: neither. Read from the loaded modules, not just the config."""
+    from diffusers.models.normalization import RMSNorm
+
+    def features(family: str) -> tuple[bool, list[bool]]:
+        blocks = load(saved, family).transformer.transformer_blocks
+        qk = all(isinstance(block.attn.norm_q, RMSNorm) and isinstance(block.attn.norm_k, RMSNorm) for block in blocks)
+        return qk, [getattr(block, "attn2", None) is not None for block in blocks]
+
+    assert features("sd3") == (False, [False, False])
+    assert features("sd35-large") == (True, [False, False])
+    assert features("sd35-medium") == (True, [True, False])
 
 
 def test_save_pipeline_replaces_atomically(tmp_path: Path) -> None:

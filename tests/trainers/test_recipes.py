@@ -22,8 +22,10 @@ from diffalign.trainers.objectives import objective_entry
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
-# The quickstart's toy base is an SD 1.5-shaped pipeline; every other recipe sits in its family's folder.
-FAMILY = {"configs/quickstart.yaml": "sd15"}
+# The quickstart's toy base is an SD 1.5-shaped pipeline; every other recipe sits in its family's folder,
+# SD3.5's on the tiny SD3.5 Medium (MMDiT-X) except the Large recipe.
+FAMILY = {"configs/quickstart.yaml": "sd15", "configs/sd35/dpo_large.yaml": "sd35-large"}
+FOLDER_FAMILY = {"sd35": "sd35-medium"}
 
 
 def recipe_name(recipe: Path) -> str:
@@ -31,7 +33,7 @@ def recipe_name(recipe: Path) -> str:
 
 
 def tiny_family(recipe: Path) -> str:
-    return FAMILY.get(recipe_name(recipe), recipe.parent.name)
+    return FAMILY.get(recipe_name(recipe), FOLDER_FAMILY.get(recipe.parent.name, recipe.parent.name))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,10 @@ def method_overrides(method: str, run: Path, reward_weights: Path) -> list[str]:
 def test_the_walk_finds_the_recipes_and_a_tiny_model_for_each():
     """An empty glob would make the walk below pass by running nothing."""
     assert {"configs/quickstart.yaml", "configs/sd15/dpo.yaml", "configs/sdxl/pso_online.yaml"} <= {recipe_name(r) for r in RECIPES}
-    assert {tiny_family(recipe) for recipe in RECIPES} <= {"sd15", "sd2", "sdxl", "sd3"}  # the tiny_models fixture's families
+    from diffalign.tiny import FAMILIES
+
+    assert {tiny_family(recipe) for recipe in RECIPES} <= set(FAMILIES)  # the tiny_models fixture's families
+    assert {"sd35-medium", "sd35-large"} <= {tiny_family(recipe) for recipe in RECIPES}  # SD3.5's two transformers
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=recipe_name)

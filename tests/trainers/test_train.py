@@ -17,7 +17,7 @@ def losses(output_dir: Path) -> list[float]:
     return [row["loss"] for row in read_metrics(output_dir / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "sd3", "sd35-medium", "sd35-large"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_recipe_runs_on_tiny_model(family, mode, tiny_models, toy_pairs, train_args, tmp_path):
     """Each family's DPO recipe runs a few steps through `diffalign train` and saves what stock diffusers loads."""
@@ -34,7 +34,7 @@ def test_recipe_runs_on_tiny_model(family, mode, tiny_models, toy_pairs, train_a
     if mode == "lora":
         assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     else:
-        subfolder = "transformer" if family == "sd3" else "unet"
+        subfolder = "transformer" if family.startswith("sd3") else "unet"
         assert (out / "final" / subfolder / "config.json").is_file()
     assert list((out / "logs").rglob("events.out.tfevents*")), "TensorBoard events are written"
 
@@ -42,7 +42,7 @@ def test_recipe_runs_on_tiny_model(family, mode, tiny_models, toy_pairs, train_a
 def _stock_pipeline(family: str, path: Path):
     from diffusers import DiffusionPipeline
 
-    extra = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if family.startswith("sd3") else {}
     pipeline = DiffusionPipeline.from_pretrained(path, **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -54,7 +54,7 @@ def _generate(pipeline) -> torch.Tensor:
     return output.images
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "sd35-medium", "sd35-large"])
 def test_saved_lora_loads_into_stock_pipeline_and_changes_output(family, tiny_models, toy_pairs, train_args, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(family, tiny_models[family], toy_pairs, out, "train.mode=lora", "train.learning_rate=1e-2", "train.scale_lr=false")) == 0
@@ -64,9 +64,11 @@ def test_saved_lora_loads_into_stock_pipeline_and_changes_output(family, tiny_mo
     from safetensors.torch import load_file
 
     saved = load_file(out / "final" / "pytorch_lora_weights.safetensors")
-    denoiser = pipeline.transformer if family == "sd3" else pipeline.unet
+    denoiser = pipeline.transformer if family.startswith("sd3") else pipeline.unet
     loaded = {n.replace(".default_0.", "."): p for n, p in denoiser.named_parameters() if ".lora_" in n}
-    prefix = "transformer." if family == "sd3" else "unet."
+    prefix = "transformer." if family.startswith("sd3") else "unet."
+    if family == "sd35-medium":  # MMDiT-X: the second, image-only attention is adapted too
+        assert any(".attn2.to_q.lora_A" in key for key in saved), sorted(saved)[:8]
     assert saved and {k.removeprefix(prefix) for k in saved} == set(loaded), "every saved adapter is loaded"
     assert all(torch.equal(loaded[k.removeprefix(prefix)], v) for k, v in saved.items()), "with the saved values"
     after = _generate(pipeline)
