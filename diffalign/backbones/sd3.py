@@ -28,14 +28,14 @@ class StableDiffusion3Backbone:
     denoiser_subfolder = "transformer"
     lora_layers_argument = "transformer_lora_layers"
     pipeline_class_name = "StableDiffusion3Pipeline"
-    # The joint-attention projections of both streams, as diffusers' SD3 LoRA script adapts them, and in
-    # SD3.5 Medium's MMDiT-X blocks the second, image-only attention too: left out, a third of those blocks'
-    # attention weights could not move. Models without it (SD3, SD3.5 Large) simply have no attn2 to match.
-    lora_target_modules = (
+    # The joint-attention projections of both streams, as diffusers' SD3 LoRA script adapts them.
+    lora_target_modules: tuple[str, ...] = (
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
         "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
-        "attn2.to_k", "attn2.to_out.0", "attn2.to_q", "attn2.to_v",
     )
+    # SD3.5 Medium's MMDiT-X blocks have a second, image-only attention: left out, a third of those blocks'
+    # attention weights could not move. Added only where the transformer has it, so every target names a module.
+    DUAL_ATTENTION_LORA_TARGETS: tuple[str, ...] = ("attn2.to_k", "attn2.to_out.0", "attn2.to_q", "attn2.to_v")
 
     def __init__(
         self,
@@ -49,6 +49,8 @@ class StableDiffusion3Backbone:
         max_sequence_length: int = 256,
     ) -> None:
         self.denoiser = transformer
+        if getattr(transformer.config, "dual_attention_layers", None):
+            self.lora_target_modules = self.lora_target_modules + self.DUAL_ATTENTION_LORA_TARGETS
         self.noise = noise
         self.tokenizers = tokenizers
         self.clip_encoders = [freeze(encoder) for encoder in clip_encoders] if clip_encoders else None

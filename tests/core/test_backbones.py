@@ -88,6 +88,9 @@ def test_each_lora_target_names_attention_projections_of_its_denoiser(backbones:
     names = [name for name, _ in backbone.denoiser.named_modules()]
     for target in backbone.lora_target_modules:
         assert any(name == target or name.endswith("." + target) for name in names), f"{family}: no module {target}"
+    if family in SD3_LIKE:  # no MMDiT attention is left out: SD3.5 Medium's second attention (attn2) where it exists
+        has_attn2 = any(".attn2." in name for name in names)
+        assert ("attn2.to_q" in backbone.lora_target_modules) == (family == "sd35-medium") == has_attn2
 
 
 def test_denoiser_subfolder_comes_from_the_adapter() -> None:

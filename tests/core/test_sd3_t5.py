@@ -101,7 +101,7 @@ def test_t5_pipeline_is_deterministic_in_seed() -> None:
 
     a, b, c = t5_state(0), t5_state(0), t5_state(1)
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
-    with pytest.raises(ValueError, match="for the sd3 family only"):
+    with pytest.raises(ValueError, match="for the sd3 and sd35 families only"):
         tiny.build_pipeline("sdxl", t5=True)
 
 
