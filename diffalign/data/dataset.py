@@ -44,7 +44,7 @@ def load_group(source: PreferenceSource, index: int, min_side: int | None = None
     The one place a row is judged after decoding, so ``data check``, a ``data.validate=full``
     run and the lazy path skip exactly the same rows for the same reasons.
     """
-    group = source.load(index, min_side) if min_side is not None else source.load(index)
+    group = source.load(index, min_side)
     check_image_sizes(group.images, row_id=group.row_id, source=source.name)
     return group
 

@@ -21,6 +21,7 @@ from diffalign.tiny.full_scale import (
 )
 from diffalign.tiny.pipelines import (
     FAMILIES,
+    SD3_FAMILIES,
     SDXL_TIME_EMBED_DIM,
     TEXT_HIDDEN_SIZE,
     Family,
@@ -59,6 +60,7 @@ __all__ = [
     "EOS_TOKEN",
     "EOS_TOKEN_ID",
     "FAMILIES",
+    "SD3_FAMILIES",
     "FULL_SCALE_FAMILIES",
     "Family",
     "SDXL_TIME_EMBED_DIM",

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `import diffalign.tiny` must be ch
 __all__ = [
     "Family",
     "FAMILIES",
+    "SD3_FAMILIES",
     "SDXL_TIME_EMBED_DIM",
     "TEXT_HIDDEN_SIZE",
     "build_text_encoder",

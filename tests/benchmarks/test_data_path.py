@@ -6,24 +6,13 @@ decodes at a reduced size (otherwise the benchmark would compare a path with its
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_data_path", REPO / "benchmarks" / "data_path.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_data_path_benchmark_times_both_arms_and_the_tokenizer(tiny_models, tmp_path):
+def test_data_path_benchmark_times_both_arms_and_the_tokenizer(load_benchmark, tiny_models, tmp_path):
     from diffalign.data.images import decode_image
 
-    benchmark = _load_benchmark()
+    benchmark = load_benchmark("data_path")
     assert decode_image(benchmark.photo_jpeg(256, 192, 0), row_id="r", source="s", min_side=24).size == (32, 24)
     out = tmp_path / "bench.json"
     report = benchmark.main(["--pairs", "2", "--rounds", "1", "--size", "256", "192", "--resolution", "24",

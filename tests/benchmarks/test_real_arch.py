@@ -6,22 +6,11 @@ no threshold on speed, only that every figure the README reports is produced and
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_real_arch", REPO / "benchmarks" / "real_arch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_one_step_is_timed_counted_and_its_lora_loads_into_the_stock_pipeline(tiny_models, toy_pairs, tmp_path):
-    benchmark = _load_benchmark()
+def test_one_step_is_timed_counted_and_its_lora_loads_into_the_stock_pipeline(load_benchmark, tiny_models, toy_pairs, tmp_path):
+    benchmark = load_benchmark("real_arch")
     from diffalign.trainers import loop
 
     patched = (loop.MetricsWriter, loop.save_checkpoint)
@@ -46,6 +35,6 @@ def test_one_step_is_timed_counted_and_its_lora_loads_into_the_stock_pipeline(ti
     assert "| sd15 | 32 |" in benchmark._table([result]) and "50.0%" in benchmark._table([result])
 
 
-def test_paper_memory_table_uses_the_published_parameter_counts():
-    table = _load_benchmark().paper_table()
+def test_paper_memory_table_uses_the_published_parameter_counts(load_benchmark):
+    table = load_benchmark("real_arch").paper_table()
     assert "| sd15 | 859.5 M |" in table and "| sdxl | 2,567.5 M |" in table and "| sd3 | 2,028.3 M |" in table

@@ -5,22 +5,14 @@ Not a timing test: no threshold on speed, only that the script works and fills i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_train_step", REPO / "benchmarks" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_train_step_benchmark_reports_both_modes(tiny_models, toy_pairs, tmp_path):
-    benchmark = _load_benchmark()
+def test_train_step_benchmark_reports_both_modes(load_benchmark, tiny_models, toy_pairs, tmp_path):
+    benchmark = load_benchmark("train_step")
     out = tmp_path / "bench.json"
     cache = tmp_path / "cache"
     report = benchmark.main(

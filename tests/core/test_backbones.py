@@ -30,7 +30,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DiffusionPipeline  # noqa: E402
 
 FAMILY_OF = {"sd15": "sd", "sd2": "sd", "sdxl": "sdxl", "sd3": "sd3", "sd35-medium": "sd3", "sd35-large": "sd3"}
-SD3_LIKE = ("sd3", "sd35-medium", "sd35-large")  # one pipeline class, one backbone
+SD3_LIKE = tuple(tiny.SD3_FAMILIES)  # one pipeline class, one backbone
 CLASS_OF = {
     "sd15": StableDiffusionBackbone,
     "sd2": StableDiffusionBackbone,

@@ -36,7 +36,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
 PROMPTS = ["a red circle", "a blue square"]
-LOAD_KWARGS = dict.fromkeys(("sd3", "sd35-medium", "sd35-large"), {"text_encoder_3": None, "tokenizer_3": None})  # no T5
+LOAD_KWARGS = dict.fromkeys(tiny.SD3_FAMILIES, {"text_encoder_3": None, "tokenizer_3": None})  # the tiny SD3s have no T5
 
 
 @pytest.fixture(scope="module")

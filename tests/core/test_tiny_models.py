@@ -30,7 +30,7 @@ PIPELINE_CLASSES = {
 
 # The tiny SD3s have no T5; diffusers refuses to load a folder whose model_index.json
 # lists text_encoder_3 as null unless told so, exactly as for a real SD3 without T5.
-LOAD_KWARGS = {family: {"text_encoder_3": None, "tokenizer_3": None} for family in ("sd3", "sd35-medium", "sd35-large")}
+LOAD_KWARGS = dict.fromkeys(tiny.SD3_FAMILIES, {"text_encoder_3": None, "tokenizer_3": None})
 
 
 @pytest.fixture(scope="module")

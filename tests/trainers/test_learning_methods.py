@@ -36,7 +36,7 @@ def run_toy(root: Path, out: Path, method: dict, data: Path, heldout: Path, *ove
     from diffalign.trainers.export import load_trained_denoiser
     from diffalign.trainers.loop import train
 
-    _, base = ensure_toy_world_and_base(root)
+    world, base = ensure_toy_world_and_base(root)
     recipe = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     recipe["model"] = {"path": str(base)}  # overrides may point model.path elsewhere (the toy turbo)
     recipe["data"]["path"] = str(data)
@@ -47,18 +47,12 @@ def run_toy(root: Path, out: Path, method: dict, data: Path, heldout: Path, *ove
     backbone = load_backbone(config.model)
     trained = load_trained_denoiser(result.final_dir, load_backbone(config.model, load_encoders=False).denoiser)
     source = open_preference_source(str(heldout), report=SkipReport())
-    if heldout == world_heldout(root):  # the base's scores on the toy world's held-out pairs: computed once per session
+    if heldout == world.heldout:  # the base's scores on the toy world's held-out pairs: computed once per session
         before = base_heldout_scores(backbone, source, config.data.resolution, base_heldout_store(root, config, heldout))
     else:
         before = heldout_scores(backbone, backbone.denoiser, backbone.denoiser, source, config.data.resolution)
     after = heldout_scores(backbone, trained, backbone.denoiser, source, config.data.resolution, reuse=before)  # the base's errors once
     return before, after
-
-
-def world_heldout(root: Path) -> Path:
-    from diffalign.toy.base import ensure_toy_world_and_base
-
-    return ensure_toy_world_and_base(root)[0].heldout
 
 
 def kind_masks(heldout: Path) -> dict[str, torch.Tensor]:

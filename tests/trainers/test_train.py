@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffalign.apps.cli import main
+from diffalign.tiny import SD3_FAMILIES
 from diffalign.trainers.metrics import read_metrics
 
 
@@ -34,7 +35,7 @@ def test_recipe_runs_on_tiny_model(family, mode, tiny_models, toy_pairs, train_a
     if mode == "lora":
         assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     else:
-        subfolder = "transformer" if family.startswith("sd3") else "unet"
+        subfolder = "transformer" if family in SD3_FAMILIES else "unet"
         assert (out / "final" / subfolder / "config.json").is_file()
     assert list((out / "logs").rglob("events.out.tfevents*")), "TensorBoard events are written"
 
@@ -42,7 +43,7 @@ def test_recipe_runs_on_tiny_model(family, mode, tiny_models, toy_pairs, train_a
 def _stock_pipeline(family: str, path: Path):
     from diffusers import DiffusionPipeline
 
-    extra = {"text_encoder_3": None, "tokenizer_3": None} if family.startswith("sd3") else {}
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if family in SD3_FAMILIES else {}
     pipeline = DiffusionPipeline.from_pretrained(path, **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -64,9 +65,9 @@ def test_saved_lora_loads_into_stock_pipeline_and_changes_output(family, tiny_mo
     from safetensors.torch import load_file
 
     saved = load_file(out / "final" / "pytorch_lora_weights.safetensors")
-    denoiser = pipeline.transformer if family.startswith("sd3") else pipeline.unet
+    denoiser = pipeline.transformer if family in SD3_FAMILIES else pipeline.unet
     loaded = {n.replace(".default_0.", "."): p for n, p in denoiser.named_parameters() if ".lora_" in n}
-    prefix = "transformer." if family.startswith("sd3") else "unet."
+    prefix = "transformer." if family in SD3_FAMILIES else "unet."
     if family == "sd35-medium":  # MMDiT-X: the second, image-only attention is adapted too
         assert any(".attn2.to_q.lora_A" in key for key in saved), sorted(saved)[:8]
     assert saved and {k.removeprefix(prefix) for k in saved} == set(loaded), "every saved adapter is loaded"
